@@ -1,0 +1,14 @@
+"""lynx_zoo: a PyTorch Lightning model zoo for GPT4-style multimodal LLMs (the Lynx study, runnable)."""
+
+from lynx_zoo.adapters import AdapterConfig
+from lynx_zoo.bridge import BridgeConfig
+from lynx_zoo.data import PromptConfig, ShapesVQADataModule, VQADataModule
+from lynx_zoo.fusion import LynxModel, PrefixLynx
+from lynx_zoo.llm import LLMConfig
+from lynx_zoo.training import OptimizerConfig
+from lynx_zoo.vision import VisionConfig
+
+__all__ = [
+    "AdapterConfig", "BridgeConfig", "LLMConfig", "LynxModel", "OptimizerConfig", "PrefixLynx", "PromptConfig",
+    "ShapesVQADataModule", "VQADataModule", "VisionConfig",
+]

@@ -1,0 +1,3 @@
+from lynx_zoo.cli import main
+
+main()

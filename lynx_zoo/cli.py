@@ -1,0 +1,89 @@
+"""The command line: ``python -m lynx_zoo fit --config configs/pt_vicuna_420.yaml`` (LightningCLI)."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import inspect
+import re
+import sys
+from argparse import ArgumentError
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.core.datamodule import LightningDataModule
+
+import lynx_zoo  # noqa: F401  (registers the short class names: PrefixLynx, ShapesVQADataModule, ...)
+from lynx_zoo.fusion import LynxModel
+
+
+class LynxCLI(LightningCLI):
+    """LightningCLI over every :class:`LynxModel` subclass and every DataModule; pick them with
+    ``class_path`` (short names work for the zoo's own classes)."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True, exit_on_error: bool = True) -> None:
+        super().__init__(
+            LynxModel,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"default_env": False, "exit_on_error": exit_on_error},
+            args=args,
+            run=run,
+        )
+
+
+def _subclass_names(base: type) -> list[str]:
+    found, stack = set(), [base]
+    while stack:
+        cls = stack.pop()
+        for sub in cls.__subclasses__():
+            if sub.__module__.startswith("lynx_zoo") or base is LynxModel:
+                found.add(sub.__name__)
+            stack.append(sub)
+    return sorted(found)
+
+
+def _accepted_options(class_path: str) -> list[str]:
+    module, _, name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    if dataclasses.is_dataclass(cls):
+        return [f.name for f in dataclasses.fields(cls)]
+    return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
+
+
+def _choices(given: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(given, valid, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"{hint}valid choices: {', '.join(valid)}"
+
+
+def explain_error(message: str) -> str:
+    """A short, actionable message for a config error: what is wrong, and the valid choices."""
+    option = re.search(r"class_path '([\w.]+)':\s*\n\s*Option '(\w+)' is not accepted", message)
+    if option:
+        class_path, key = option.groups()
+        name = class_path.rpartition(".")[2]
+        return f"unknown option {key!r} for {name}: {_choices(key, _accepted_options(class_path))}"
+    unknown_class = re.search(r'Parser key "(model|data)":.*?Given value: (\S+)', message, re.S)
+    if unknown_class and "import path" in message:
+        section, given = unknown_class.groups()
+        base = LynxModel if section == "model" else L.LightningDataModule
+        return f"unknown {section} class {given!r}: {_choices(given.rpartition('.')[2], _subclass_names(base))}"
+    unrecognized = re.search(r"unrecognized arguments: --trainer\.(\w+)", message)
+    if unrecognized:
+        key = unrecognized.group(1)
+        params = [p for p in inspect.signature(L.Trainer.__init__).parameters if p != "self"]
+        return f"unknown trainer option {key!r}: {_choices(key, params)}"
+    return message
+
+
+def main(args: list[str] | None = None) -> Any:
+    """Entry point of ``python -m lynx_zoo`` and the ``lynx-zoo`` script."""
+    try:
+        return LynxCLI(args=args, exit_on_error=False)
+    except ArgumentError as err:
+        sys.exit(f"lynx_zoo: error: {explain_error(str(err))}")

@@ -1,0 +1,6 @@
+"""Fusion modules: how visual tokens enter the LLM. The base owns everything else."""
+
+from lynx_zoo.fusion.base import LynxModel
+from lynx_zoo.fusion.prefix import PrefixLynx
+
+__all__ = ["LynxModel", "PrefixLynx"]

@@ -1,0 +1,187 @@
+"""The shared base of every lynx_zoo model.
+
+:class:`LynxModel` owns everything but the fusion: the vision tower, the bridge, the LLM and its
+adapters, freezing, the optimiser, the training/validation loops, generation and metrics. A fusion
+subclass (:class:`~lynx_zoo.fusion.prefix.PrefixLynx`, ...) says only how visual tokens enter the LLM,
+by implementing :meth:`LynxModel.forward` and :meth:`LynxModel.generate_ids`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from lynx_zoo.adapters import AdapterConfig, insert_adapters
+from lynx_zoo.bridge import BridgeConfig, build_bridge
+from lynx_zoo.data.processor import LynxProcessor, PromptConfig, Sample
+from lynx_zoo.llm import LLMConfig, build_llm, load_tokenizer
+from lynx_zoo.training.optim import OptimizerConfig, build_optimizer
+from lynx_zoo.vision import VisionConfig, VisionEncoder
+
+
+# Checkpoints keep the model's config dataclasses as hyper-parameters; allow exactly these through
+# torch's safe (weights-only) unpickler so checkpoints load without arbitrary code execution.
+torch.serialization.add_safe_globals([VisionConfig, BridgeConfig, LLMConfig, AdapterConfig, OptimizerConfig, PromptConfig])
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation and extra spaces: the exact-match comparison of answers."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+class LynxModel(L.LightningModule):
+    """Vision tower -> bridge -> LLM (+ adapters); subclasses choose how the visual tokens are fused.
+
+    Args:
+        vision: the vision tower (any timm ViT).
+        bridge: the vision-to-LLM bridge (Perceiver resampler or a projector).
+        llm: the causal LM (any HF model) and its tokenizer.
+        adapters: bottleneck adapters in the LLM's decoder layers (placement and size).
+        optimizer: AdamW and the warmup + linear decay schedule.
+        prompt: the prompt format and text length limit.
+        eval_generation: ``generate`` settings for validation answers (greedy by default).
+    """
+
+    def __init__(
+        self,
+        vision: VisionConfig | None = None,
+        bridge: BridgeConfig | None = None,
+        llm: LLMConfig | None = None,
+        adapters: AdapterConfig | None = None,
+        optimizer: OptimizerConfig | None = None,
+        prompt: PromptConfig | None = None,
+        eval_generation: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.vision_config = vision or VisionConfig()
+        self.bridge_config = bridge or BridgeConfig()
+        self.llm_config = llm or LLMConfig()
+        self.adapter_config = adapters or AdapterConfig()
+        self.optimizer_config = optimizer or OptimizerConfig()
+        self.eval_generation = {"max_new_tokens": 16, "num_beams": 1, "do_sample": False, **(eval_generation or {})}
+
+        self.vision = VisionEncoder(self.vision_config)
+        tokenizer = load_tokenizer(self.llm_config)
+        self.llm = build_llm(self.llm_config, tokenizer)
+        self.llm_width: int = self.llm.config.hidden_size
+        self.adapter_layers = insert_adapters(self.llm, self.adapter_config, self.llm_width)
+        self.bridge = build_bridge(self.bridge_config, self.vision.width, self.llm_width)
+        self.processor = LynxProcessor(tokenizer, prompt or PromptConfig(), self.vision.image_transform())
+        self.val_accuracy = nn.ModuleDict()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    # ----------------------------------------------------------------- the part a fusion module writes
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        images: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> CausalLMOutputWithPast:
+        """LLM outputs (logits, and the loss on answer tokens if ``labels`` are given)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement forward (how visual tokens enter the LLM)")
+
+    def generate_ids(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: torch.Tensor | None, **kwargs: Any
+    ) -> torch.Tensor:
+        """Newly generated token ids for left-padded prompts."""
+        raise NotImplementedError(f"{type(self).__name__} must implement generate_ids")
+
+    # ----------------------------------------------------------------- shared parts
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` -> visual tokens ``(B, Q, llm_width)`` through the tower and the bridge."""
+        with torch.set_grad_enabled(self.vision_config.trainable and torch.is_grad_enabled()):
+            tokens = self.vision(images)
+        return self.bridge(tokens).to(self.llm.dtype)
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer, scheduler = build_optimizer(
+            self.trainable_parameters(), self.trainer.estimated_stepping_batches, self.optimizer_config
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _step_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self(batch["input_ids"], batch["attention_mask"], batch.get("images"), batch["labels"]).loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self._step_loss(batch)
+        size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        if batch.get("num_skipped"):
+            self.log("train/skipped", float(batch["num_skipped"]), reduce_fx="sum", batch_size=size)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        for category in getattr(datamodule, "categories", []):
+            key = category or "all"
+            if key not in self.val_accuracy:
+                self.val_accuracy[key] = MeanMetric().to(self.device)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        size = batch["input_ids"].shape[0]
+        self.log("val/loss", self._step_loss(batch), prog_bar=True, batch_size=size, sync_dist=True)
+        samples = [Sample(q, image=None) for q in batch["instructions"]]
+        prompts = self.processor.prompts(samples)
+        predictions = self.decode(
+            self.generate_ids(
+                prompts["input_ids"].to(self.device),
+                prompts["attention_mask"].to(self.device),
+                batch.get("images"),
+                **self.eval_generation,
+            )
+        )
+        for prediction, answer, category in zip(predictions, batch["answers"], batch["categories"]):
+            key = category or "all"
+            if key not in self.val_accuracy:
+                raise KeyError(f"validation category {key!r} was not declared by the DataModule's `categories`")
+            self.val_accuracy[key].update(float(normalize_answer(prediction) == normalize_answer(answer)))
+
+    def on_validation_epoch_end(self) -> None:
+        for key, metric in self.val_accuracy.items():
+            if metric.update_count:
+                self.log(f"val/acc/{key}", metric.compute(), prog_bar=False)
+            metric.reset()
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def generate(self, images: list[Any] | torch.Tensor | None, prompts: list[str], **generation_kwargs: Any) -> list[str]:
+        """Answer a batch of (image, instruction) pairs.
+
+        ``images``: PIL images (transformed here), a tensor batch already transformed, or ``None``;
+        ``generation_kwargs`` go to transformers' ``generate`` (``num_beams``, ``do_sample``,
+        ``max_new_tokens``, ...; the KV cache is on).
+        """
+        if images is not None and not isinstance(images, torch.Tensor):
+            images = torch.stack([self.processor.image_transform(image.convert("RGB")) for image in images])
+        if images is not None and len(images) != len(prompts):
+            raise ValueError(f"generate: {len(images)} images for {len(prompts)} prompts")
+        batch = self.processor.prompts([Sample(p) for p in prompts])
+        kwargs = {**self.eval_generation, **generation_kwargs}
+        was_training = self.training
+        self.eval()
+        try:
+            ids = self.generate_ids(
+                batch["input_ids"].to(self.device),
+                batch["attention_mask"].to(self.device),
+                None if images is None else images.to(self.device),
+                **kwargs,
+            )
+        finally:
+            self.train(was_training)
+        return self.decode(ids)

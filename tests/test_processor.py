@@ -1,0 +1,49 @@
+import torch
+
+from lynx_zoo.data import IGNORE_INDEX, LynxProcessor, PromptConfig, Sample
+from lynx_zoo.data.shapes import shapes_tokenizer
+
+
+def processor(**prompt) -> LynxProcessor:
+    return LynxProcessor(shapes_tokenizer(), PromptConfig(**prompt), image_transform=lambda image: image)
+
+
+def test_layout_bos_prompt_answer_eos_with_loss_on_answer_only():
+    proc = processor()
+    tok = proc.tokenizer
+    ids, labels = proc.encode(Sample("what color is the circle?", "red"))
+    words = tok.convert_ids_to_tokens(ids)
+    assert words == ["<s>", "user", ":", "what", "color", "is", "the", "circle", "?", "bot", ":", "red", "</s>"]
+    assert labels[:-2] == [IGNORE_INDEX] * (len(ids) - 2)
+    assert labels[-2:] == [tok.convert_tokens_to_ids("red"), tok.eos_token_id]
+
+
+def test_batches_are_left_padded_with_masked_labels():
+    proc = processor()
+    batch = proc([Sample("how many shapes are there?", "two", image=torch.zeros(3, 4, 4)),
+                  Sample("what shape is the red object?", "top left", image=torch.ones(3, 4, 4))])
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    assert ids.shape == mask.shape == labels.shape
+    short = int(mask[0].sum())
+    assert mask[0, : ids.shape[1] - short].eq(0).all() and mask[0, -short:].eq(1).all()
+    assert ids[0, : ids.shape[1] - short].eq(proc.tokenizer.pad_token_id).all()
+    assert labels[mask == 0].eq(IGNORE_INDEX).all()
+    assert batch["images"].shape == (2, 3, 4, 4)
+    assert batch["answers"] == ["two", "top left"] and batch["num_skipped"] == 0
+
+
+def test_unreadable_samples_are_dropped_and_counted():
+    batch = processor()([None, Sample("how many shapes are there?", "one", image=torch.zeros(3, 2, 2)), None])
+    assert batch["input_ids"].shape[0] == 1 and batch["num_skipped"] == 2
+
+
+def test_truncation_keeps_the_prompt_start_and_the_limit():
+    ids, labels = processor(max_length=6).encode(Sample("what color is the circle?", "red"))
+    assert len(ids) == len(labels) == 6 and ids[0] == processor().tokenizer.bos_token_id
+
+
+def test_prompts_for_generation_have_no_answer():
+    proc = processor(lower_case=True)
+    batch = proc.prompts([Sample("WHAT color is the circle?")])
+    assert "labels" not in batch
+    assert proc.tokenizer.convert_ids_to_tokens(batch["input_ids"][0])[-2:] == ["bot", ":"]
