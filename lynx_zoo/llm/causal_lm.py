@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 PAD_TOKEN = "[PAD]"
@@ -185,7 +186,11 @@ def _gguf_cache(config: LLMConfig) -> str:
         llm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tmp = cache.with_name(cache.name + ".tmp")
-        llm.save_pretrained(tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+        # transformers will not save_pretrained a GGUF-loaded model; the dequantised weights are
+        # plain tensors, so write them and the config as an ordinary transformers folder.
+        llm.config.save_pretrained(tmp)
+        save_model(llm, str(tmp / "model.safetensors"))
         tokenizer.save_pretrained(tmp)
         tmp.rename(cache)
     return str(cache)
