@@ -3,12 +3,12 @@
 from lynx_zoo.adapters import AdapterConfig
 from lynx_zoo.bridge import BridgeConfig
 from lynx_zoo.data import PromptConfig, ShapesVQADataModule, VQADataModule
-from lynx_zoo.fusion import LynxModel, PrefixLynx
+from lynx_zoo.fusion import CrossAttnConfig, CrossAttnLynx, LynxModel, PrefixLynx
 from lynx_zoo.llm import LLMConfig
 from lynx_zoo.training import OptimizerConfig
 from lynx_zoo.vision import VisionConfig
 
 __all__ = [
-    "AdapterConfig", "BridgeConfig", "LLMConfig", "LynxModel", "OptimizerConfig", "PrefixLynx", "PromptConfig",
+    "AdapterConfig", "BridgeConfig", "CrossAttnConfig", "CrossAttnLynx", "LLMConfig", "LynxModel", "OptimizerConfig", "PrefixLynx", "PromptConfig",
     "ShapesVQADataModule", "VQADataModule", "VisionConfig",
 ]

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lynx_zoo import PrefixLynx
+from lynx_zoo import CrossAttnLynx, PrefixLynx
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,6 +28,18 @@ def test_cli_fits_the_tiny_config_and_the_checkpoint_reloads(tmp_path):
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, state[name], rtol=0, atol=0)
     assert model.adapter_layers == [0, 2]
+
+
+def test_switching_pt_to_ca_with_every_other_key_unchanged_trains(tmp_path):
+    result = run_cli("fit", "--config", "configs/tiny.yaml", "--model=CrossAttnLynx",
+                     f"--trainer.default_root_dir={tmp_path}", f"--data.init_args.root={tmp_path / 'shapes'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    model = CrossAttnLynx.load_from_checkpoint(checkpoint)
+    assert model.cross_attn_layers == [3] and model.adapter_layers == [0, 2]  # the tiny config's adapters stay
+    assert model.bridge_config.num_queries == 4  # every other key as in configs/tiny.yaml
+    # the gates were trained away from zero
+    assert model.blocks()[0].attn_gate.abs().item() > 0
 
 
 def test_print_config_shows_the_resolved_model():

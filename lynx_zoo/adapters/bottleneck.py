@@ -8,13 +8,16 @@ HF checkpoint) and a forward hook applies it to the layer's output, i.e. after t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from lynx_zoo.llm.layers import LayerPlacement, decoder_layers
+
 
 @dataclass
-class AdapterConfig:
+class AdapterConfig(LayerPlacement):
     """Where the adapters go and how big they are.
 
     Placement: ``layers`` (an explicit list) if given, else every ``every``-th layer from ``start``;
@@ -29,27 +32,11 @@ class AdapterConfig:
         init_scale: initial value of the learnable output scale ``s``.
     """
 
-    every: int | None = 2
-    start: int = 0
-    layers: list[int] | None = None
+    section: ClassVar[str] = "adapters"
+
     bottleneck: int | None = None
     init_std: float = 0.02
     init_scale: float = 1.0
-
-    def layer_indices(self, num_layers: int) -> list[int]:
-        """The decoder layers that get an adapter, validated against ``num_layers``."""
-        if self.layers is not None:
-            bad = [i for i in self.layers if not 0 <= i < num_layers]
-            if bad:
-                raise ValueError(f"adapters.layers: {bad} out of range for an LLM with {num_layers} layers")
-            return sorted(set(self.layers))
-        if self.every is None:
-            return []
-        if self.every < 1:
-            raise ValueError(f"adapters.every: expected a positive integer or null, got {self.every}")
-        if not 0 <= self.start < num_layers:
-            raise ValueError(f"adapters.start: expected 0..{num_layers - 1}, got {self.start}")
-        return list(range(self.start, num_layers, self.every))
 
 
 class BottleneckAdapter(nn.Module):
@@ -75,15 +62,6 @@ def _apply_adapter(layer: nn.Module, args: tuple, output: torch.Tensor | tuple) 
     if isinstance(output, tuple):
         return (layer.adapter(output[0]), *output[1:])
     return layer.adapter(output)
-
-
-def decoder_layers(llm: nn.Module) -> nn.ModuleList:
-    """The decoder layers of an HF causal LM (``model.layers`` for the LLaMA family)."""
-    decoder = llm.get_decoder() if hasattr(llm, "get_decoder") else llm
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise TypeError(f"cannot find the decoder layers of {type(llm).__name__}: expected a `layers` ModuleList")
-    return layers
 
 
 def insert_adapters(llm: nn.Module, config: AdapterConfig, width: int) -> list[int]:

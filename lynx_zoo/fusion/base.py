@@ -22,7 +22,7 @@ from lynx_zoo.bridge import BridgeConfig, build_bridge
 from lynx_zoo.data.processor import LynxProcessor, PromptConfig, Sample
 from lynx_zoo.llm import LLMConfig, build_llm, load_tokenizer
 from lynx_zoo.training.optim import OptimizerConfig, build_optimizer
-from lynx_zoo.vision import VisionConfig, VisionEncoder
+from lynx_zoo.vision import VisionConfig, VisionEncoder, resample_vision_pos_embed
 
 
 # Checkpoints keep the model's config dataclasses as hyper-parameters; allow exactly these through
@@ -46,6 +46,9 @@ class LynxModel(L.LightningModule):
         optimizer: AdamW and the warmup + linear decay schedule.
         prompt: the prompt format and text length limit.
         eval_generation: ``generate`` settings for validation answers (greedy by default).
+        init_from: a lynx_zoo checkpoint whose weights start this run (weights only: fresh optimiser
+            and schedule), e.g. stage 2 from stage 1 or 420 px from 224 px (the vision position
+            embeddings are resampled to this model's resolution).
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class LynxModel(L.LightningModule):
         optimizer: OptimizerConfig | None = None,
         prompt: PromptConfig | None = None,
         eval_generation: dict[str, Any] | None = None,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -75,6 +79,27 @@ class LynxModel(L.LightningModule):
         self.bridge = build_bridge(self.bridge_config, self.vision.width, self.llm_width)
         self.processor = LynxProcessor(tokenizer, prompt or PromptConfig(), self.vision.image_transform())
         self.val_accuracy = nn.ModuleDict()
+        self.init_from = init_from
+
+    def setup(self, stage: str) -> None:
+        # before Lightning restores a checkpoint of this run (resume), so a resumed run keeps its own weights
+        if stage == "fit" and self.init_from:
+            self.load_weights(self.init_from)
+
+    def load_weights(self, path: str) -> None:
+        """Initialise from another lynx_zoo checkpoint's weights, resampling vision position embeddings."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+        resample_vision_pos_embed(state, self.vision, prefix="vision.")
+        own = self.state_dict()
+        mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+        unexpected = [k for k in state if k not in own]
+        if mismatched or unexpected:
+            raise ValueError(
+                f"init_from {path}: does not fit this model: shape mismatches {mismatched[:5]}, "
+                f"unknown keys {unexpected[:5]} (a different fusion, bridge or LLM?)"
+            )
+        self.load_state_dict(state, strict=False)
 
     @property
     def tokenizer(self) -> Any:

@@ -1,0 +1,182 @@
+"""Flamingo-style cross-attention fusion (CA), the Lynx paper's alternative to PT.
+
+Gated cross-attention dense blocks go before chosen decoder layers of the LLM (OpenFlamingo on
+LLaMA-7B: before every 4th layer). Each attends from the text to the resampled visual tokens and adds
+its result through ``tanh`` gates that start at 0, so at initialisation the model is exactly its LLM.
+The blocks are children ``gated_xattn`` of the decoder layers, run by forward pre-hooks: transformers'
+modeling files stay as they are.
+
+Media-position masking: media ``m`` of a sample appears at text position ``media_positions[b, m]``
+(in position-id space: the count of real tokens before it). A text token attends only to the latest
+media at or before its position; tokens before the first media get nothing from any.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from lynx_zoo.fusion.base import LynxModel
+from lynx_zoo.llm.layers import LayerPlacement, decoder_layers
+
+
+@dataclass
+class CrossAttnConfig(LayerPlacement):
+    """Where the gated cross-attention blocks go and their size.
+
+    Args:
+        every: a block before every ``every``-th decoder layer (OpenFlamingo: 4).
+        start: the first layer with a block (OpenFlamingo: 3, i.e. layers 3, 7, 11, ...).
+        layers: explicit layer indices (overrides ``every``/``start``).
+        num_heads: cross-attention heads.
+        head_dim: width of one head.
+        ff_mult: feed-forward expansion.
+    """
+
+    section: ClassVar[str] = "cross_attn"
+
+    every: int | None = 4
+    start: int = 3
+    num_heads: int = 8
+    head_dim: int = 64
+    ff_mult: int = 4
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """``x + tanh(a) * XAttn(LN(x), media)``, then ``x + tanh(f) * FF(LN(x))``; ``a = f = 0`` at init."""
+
+    def __init__(self, width: int, num_heads: int, head_dim: int, ff_mult: int) -> None:
+        super().__init__()
+        inner = num_heads * head_dim
+        self.num_heads = num_heads
+        self.norm = nn.LayerNorm(width)
+        self.to_q = nn.Linear(width, inner, bias=False)
+        self.to_kv = nn.Linear(width, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, width, bias=False)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ff = nn.Sequential(
+            nn.LayerNorm(width), nn.Linear(width, ff_mult * width, bias=False), nn.GELU(),
+            nn.Linear(ff_mult * width, width, bias=False),
+        )
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+        self.media: torch.Tensor | None = None
+        self.media_positions: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        media, media_positions = self.media, self.media_positions
+        if media is None:
+            return x
+        if media.shape[0] != x.shape[0]:  # beam search / num_return_sequences expand the batch
+            repeat = x.shape[0] // media.shape[0]
+            media, media_positions = media.repeat_interleave(repeat, 0), media_positions.repeat_interleave(repeat, 0)
+        b, t, _ = x.shape
+        num_media, per_media = media.shape[1], media.shape[2]
+        # the latest media at or before each token (0 = none yet)
+        position_ids = position_ids.expand(b, t)
+        latest = (media_positions[:, None, :] <= position_ids[:, :, None]).sum(-1)
+        media_index = torch.arange(1, num_media + 1, device=x.device).repeat_interleave(per_media)
+        allowed = latest[:, :, None] == media_index[None, None, :]
+        has_media = latest > 0
+        allowed = allowed | ~has_media[:, :, None]  # keep softmax finite; these rows are zeroed below
+        q = self.to_q(self.norm(x)).view(b, t, self.num_heads, -1).transpose(1, 2)
+        k, v = self.to_kv(media.flatten(1, 2).to(x.dtype)).chunk(2, dim=-1)
+        k, v = (z.view(b, num_media * per_media, self.num_heads, -1).transpose(1, 2) for z in (k, v))
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
+        attended = self.to_out(attended.transpose(1, 2).flatten(2)) * has_media[..., None].to(x.dtype)
+        x = x + torch.tanh(self.attn_gate) * attended
+        return x + torch.tanh(self.ff_gate) * self.ff(x) * has_media[..., None].to(x.dtype)
+
+
+def _cross_attend_first(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook: run the layer's gated cross-attention block on its input hidden states."""
+    hidden = args[0] if args else kwargs.pop("hidden_states")
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]
+    hidden = layer.gated_xattn(hidden, position_ids)
+    return (hidden, *args[1:]), kwargs
+
+
+class CrossAttnLynx(LynxModel):
+    """Flamingo-style fusion: the text goes through the LLM alone and reads the visual tokens through
+    gated cross-attention blocks. With ``llm.trainable: false`` the LLM is frozen (the paper's first CA
+    row); ``true`` trains it too (the second).
+
+    Args:
+        cross_attn: placement and size of the gated cross-attention blocks.
+        (the other arguments are those of :class:`LynxModel`)
+    """
+
+    def __init__(self, *args: Any, cross_attn: CrossAttnConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cross_attn_config = cross_attn or CrossAttnConfig()
+        config = self.cross_attn_config
+        layers = decoder_layers(self.llm)
+        self.cross_attn_layers = config.layer_indices(len(layers))
+        for i in self.cross_attn_layers:
+            param = next(layers[i].parameters())
+            block = GatedCrossAttentionBlock(self.llm_width, config.num_heads, config.head_dim, config.ff_mult)
+            layers[i].gated_xattn = block.to(device=param.device, dtype=param.dtype)
+            layers[i].register_forward_pre_hook(_cross_attend_first, with_kwargs=True)
+
+    def blocks(self) -> list[GatedCrossAttentionBlock]:
+        layers = decoder_layers(self.llm)
+        return [layers[i].gated_xattn for i in self.cross_attn_layers]
+
+    def encode_media(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` or ``(B, M, 3, H, W)`` -> visual tokens ``(B, M, Q, width)``."""
+        if images.dim() == 4:
+            images = images[:, None]
+        b, m = images.shape[:2]
+        return self.encode_images(images.flatten(0, 1)).unflatten(0, (b, m))
+
+    @contextmanager
+    def conditioned_on(self, media: torch.Tensor | None, media_positions: torch.Tensor | None) -> Iterator[None]:
+        """Give every block the visual tokens (and their positions) for the LLM calls inside."""
+        if media is not None and media_positions is None:
+            media_positions = torch.zeros(media.shape[:2], dtype=torch.long, device=media.device)
+        for block in self.blocks():
+            block.media, block.media_positions = media, media_positions
+        try:
+            yield
+        finally:
+            for block in self.blocks():
+                block.media = block.media_positions = None
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        images: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        media_positions: torch.Tensor | None = None,
+    ) -> CausalLMOutputWithPast:
+        """``media_positions`` ``(B, M)``: where each image appears (default: before the text)."""
+        media = self.encode_media(images) if images is not None else None
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        with self.conditioned_on(media, media_positions):
+            return self.llm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
+
+    def generate_ids(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: torch.Tensor | None, **kwargs: Any
+    ) -> torch.Tensor:
+        media = self.encode_media(images) if images is not None else None
+        with self.conditioned_on(media, None):
+            out = self.llm.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+                **kwargs,
+            )
+        return out[:, input_ids.shape[1] :]
+
+
+torch.serialization.add_safe_globals([CrossAttnConfig])

@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+from lynx_zoo import CrossAttnLynx, PrefixLynx
+from lynx_zoo.data import Sample
+from lynx_zoo.fusion.cross_attn import CrossAttnConfig, GatedCrossAttentionBlock
+
+CA = {"cross_attn": CrossAttnConfig(every=2, start=1, num_heads=2, head_dim=8, ff_mult=2), "adapters": {"every": None}}
+
+
+def samples(n=2):
+    qa = [("what color is the circle?", "red"), ("how many shapes are there?", "three")]
+    return [Sample(q, a, image=torch.randn(3, 32, 32)) for q, a in qa[:n]]
+
+
+def open_gates(model):
+    for block in model.blocks():
+        block.attn_gate.data.fill_(1.0)
+        block.ff_gate.data.fill_(1.0)
+
+
+def test_blocks_go_where_asked(make_tiny):
+    model = make_tiny(CrossAttnLynx, **CA)
+    assert model.cross_attn_layers == [1, 3]
+    layers = model.llm.model.layers
+    assert [i for i, layer in enumerate(layers) if hasattr(layer, "gated_xattn")] == [1, 3]
+    assert CrossAttnConfig().layer_indices(32) == [3, 7, 11, 15, 19, 23, 27, 31]  # OpenFlamingo on LLaMA-7B
+
+
+def test_closed_gates_give_exactly_the_frozen_llm(make_tiny):
+    model = make_tiny(CrossAttnLynx, **CA)
+    batch = model.processor(samples())
+    ours = model(batch["input_ids"], batch["attention_mask"], batch["images"]).logits
+    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    plain = model.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=position_ids)
+    torch.testing.assert_close(ours, plain.logits, rtol=0, atol=0)
+    open_gates(model)
+    assert not torch.allclose(model(batch["input_ids"], batch["attention_mask"], batch["images"]).logits, plain.logits)
+
+
+def test_tokens_before_the_image_get_nothing_from_it(make_tiny):
+    model = make_tiny(CrossAttnLynx, **CA)
+    open_gates(model)
+    batch = model.processor(samples(1))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    at = torch.tensor([[5]])  # the image appears before the 6th text token
+    image = batch["images"][:, None]
+    a = model(ids, mask, image, media_positions=at).logits
+    b = model(ids, mask, image + 3.0, media_positions=at).logits
+    torch.testing.assert_close(a[:, :5], b[:, :5], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 5:], b[:, 5:])
+
+
+def test_each_token_reads_only_the_latest_media():
+    torch.manual_seed(0)
+    block = GatedCrossAttentionBlock(16, num_heads=2, head_dim=8, ff_mult=2)
+    block.attn_gate.data.fill_(1.0)
+    x = torch.randn(1, 8, 16)
+    positions = torch.arange(8)[None]
+    media = torch.randn(1, 2, 3, 16)  # two images (or frames) of 3 tokens each
+    block.media, block.media_positions = media, torch.tensor([[2, 5]])
+    out = block(x, positions)
+    changed = media.clone()
+    changed[:, 0] += 1.0
+    block.media = changed
+    out2 = block(x, positions)
+    torch.testing.assert_close(out[:, :2], x[:, :2])          # before any media: untouched
+    assert not torch.allclose(out[:, 2:5], out2[:, 2:5])      # tokens 2-4 read the first image
+    torch.testing.assert_close(out[:, 5:], out2[:, 5:])       # tokens 5-7 read only the second
+
+
+@pytest.mark.parametrize(
+    "llm_trainable, prefixes",
+    [(False, ("bridge.", "llm.model.layers.1.gated_xattn.", "llm.model.layers.3.gated_xattn.")),
+     (True, ("bridge.", "llm."))],
+)
+def test_gradients_reach_only_the_configured_parts(make_tiny, llm_trainable, prefixes):
+    model = make_tiny(CrossAttnLynx, llm={"trainable": llm_trainable}, **CA)
+    open_gates(model)  # with closed gates no gradient could reach the visual side
+    batch = model.processor(samples())
+    model(batch["input_ids"], batch["attention_mask"], batch["images"], batch["labels"]).loss.backward()
+    for name, param in model.named_parameters():
+        expected = name.startswith(prefixes)
+        assert param.requires_grad == expected, name
+        assert (param.grad is not None) == expected, name
+
+
+def test_generation_with_greedy_and_beams(make_tiny):
+    model = make_tiny(CrossAttnLynx, **CA)
+    open_gates(model)
+    images = torch.randn(2, 3, 32, 32)
+    prompts = ["what color is the circle?", "how many shapes are there?"]
+    greedy = model.generate(images, prompts, max_new_tokens=3)
+    assert model.generate(images, prompts, max_new_tokens=3, num_beams=1) == greedy
+    assert len(model.generate(images, prompts, max_new_tokens=3, num_beams=3)) == 2
+
+
+def test_pt_and_ca_share_everything_but_the_fusion(make_tiny):
+    pt, ca = make_tiny(PrefixLynx, adapters={"every": None}), make_tiny(CrossAttnLynx, **CA)
+    pt_names = set(pt.state_dict())
+    ca_names = set(ca.state_dict())
+    assert pt_names <= ca_names
+    assert all(".gated_xattn." in n for n in ca_names - pt_names)
