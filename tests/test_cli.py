@@ -53,7 +53,7 @@ def test_print_config_shows_the_resolved_model():
     "args, expected",
     [
         (["--model.init_args.bridge.knd=mlp"], "unknown option 'knd' for BridgeConfig: did you mean 'kind'?"),
-        (["--model=PrefixLinx"], "unknown model class 'PrefixLinx': did you mean 'PrefixLynx'? valid choices: PrefixLynx"),
+        (["--model=PrefixLinx"], "unknown model class 'PrefixLinx': did you mean 'PrefixLynx'? valid choices: CrossAttnLynx, PrefixLynx"),
         (["--data.init_args.num_trian=3"], "unknown option 'num_trian' for ShapesVQADataModule: did you mean 'num_train'?"),
         (["--trainer.max_stepz=3"], "unknown trainer option 'max_stepz': did you mean 'max_steps'?"),
     ],
