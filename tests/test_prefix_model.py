@@ -135,3 +135,21 @@ def test_generate_greedy_beam_and_sampling(make_tiny):
     assert len(model.generate(images, prompts, max_new_tokens=3, do_sample=True, top_k=5)) == 2
     with pytest.raises(ValueError, match="1 images for 2 prompts"):
         model.generate(images[:1], prompts)
+
+
+@pytest.mark.parametrize("fusion", ["PrefixLynx", "CrossAttnLynx"])
+def test_bf16_frozen_llm_with_fp32_trainable_parts(make_tiny, fusion):
+    import lynx_zoo
+
+    model = make_tiny(getattr(lynx_zoo, fusion), llm={"dtype": "bfloat16"})
+    assert model.llm.model.layers[1].mlp.up_proj.weight.dtype == torch.bfloat16
+    trainable = dict(model.trainable_parameters())
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+    if fusion == "CrossAttnLynx":
+        for block in model.blocks():
+            block.attn_gate.data.fill_(0.5)
+    batch = batch_of(model, shapes_samples(2))
+    out = model(batch["input_ids"], batch["attention_mask"], batch["images"], batch["labels"])
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable.values())

@@ -54,7 +54,9 @@ class BottleneckAdapter(nn.Module):
             nn.init.zeros_(linear.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden + self.scale * self.up(self.act(self.down(self.norm(hidden))))
+        # the adapter keeps its own (fp32) weights beside a low-precision frozen LLM
+        update = self.up(self.act(self.down(self.norm(hidden.to(self.down.weight.dtype)))))
+        return hidden + (self.scale * update).to(hidden.dtype)
 
 
 def _apply_adapter(layer: nn.Module, args: tuple, output: torch.Tensor | tuple) -> torch.Tensor | tuple:
@@ -71,8 +73,7 @@ def insert_adapters(llm: nn.Module, config: AdapterConfig, width: int) -> list[i
     bottleneck = config.bottleneck or width // 2
     for i in indices:
         layer = layers[i]
-        param = next(layer.parameters())
         adapter = BottleneckAdapter(width, bottleneck, config.init_std, config.init_scale)
-        layer.adapter = adapter.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
+        layer.adapter = adapter.to(device=next(layer.parameters()).device)
         layer.register_forward_hook(_apply_adapter)
     return indices

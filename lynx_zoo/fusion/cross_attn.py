@@ -85,13 +85,17 @@ class GatedCrossAttentionBlock(nn.Module):
         allowed = latest[:, :, None] == media_index[None, None, :]
         has_media = latest > 0
         allowed = allowed | ~has_media[:, :, None]  # keep softmax finite; these rows are zeroed below
+        # the block keeps its own (fp32) weights beside a low-precision frozen LLM
+        hidden, dtype = x, self.to_q.weight.dtype
+        x = x.to(dtype)
+        gate = has_media[..., None].to(dtype)
         q = self.to_q(self.norm(x)).view(b, t, self.num_heads, -1).transpose(1, 2)
-        k, v = self.to_kv(media.flatten(1, 2).to(x.dtype)).chunk(2, dim=-1)
+        k, v = self.to_kv(media.flatten(1, 2).to(dtype)).chunk(2, dim=-1)
         k, v = (z.view(b, num_media * per_media, self.num_heads, -1).transpose(1, 2) for z in (k, v))
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
-        attended = self.to_out(attended.transpose(1, 2).flatten(2)) * has_media[..., None].to(x.dtype)
-        x = x + torch.tanh(self.attn_gate) * attended
-        return x + torch.tanh(self.ff_gate) * self.ff(x) * has_media[..., None].to(x.dtype)
+        attn_update = torch.tanh(self.attn_gate) * self.to_out(attended.transpose(1, 2).flatten(2)) * gate
+        ff_update = torch.tanh(self.ff_gate) * self.ff(x + attn_update) * gate
+        return hidden + (attn_update + ff_update).to(hidden.dtype)
 
 
 def _cross_attend_first(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -121,9 +125,8 @@ class CrossAttnLynx(LynxModel):
         layers = decoder_layers(self.llm)
         self.cross_attn_layers = config.layer_indices(len(layers))
         for i in self.cross_attn_layers:
-            param = next(layers[i].parameters())
             block = GatedCrossAttentionBlock(self.llm_width, config.num_heads, config.head_dim, config.ff_mult)
-            layers[i].gated_xattn = block.to(device=param.device, dtype=param.dtype)
+            layers[i].gated_xattn = block.to(device=next(layers[i].parameters()).device)
             layers[i].register_forward_pre_hook(_cross_attend_first, with_kwargs=True)
 
     def blocks(self) -> list[GatedCrossAttentionBlock]:
