@@ -125,6 +125,8 @@ def build_llm(config: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
     _fit_embeddings(llm, tokenizer)
     llm.config.pad_token_id = tokenizer.pad_token_id
     llm.generation_config.pad_token_id = tokenizer.pad_token_id
+    # a frozen LLM stays in eval mode (no dropout); Lightning keeps the modes it finds
+    llm.train(config.trainable)
     if not config.trainable:
         llm.requires_grad_(False)
     return llm
