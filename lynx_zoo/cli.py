@@ -18,6 +18,8 @@ from lightning.pytorch.core.datamodule import LightningDataModule
 import lynx_zoo  # noqa: F401  (registers the short class names: PrefixLynx, ShapesVQADataModule, ...)
 from lynx_zoo.fusion import LynxModel
 
+EVALUATION_COMMANDS = ("evaluate", "report")
+
 
 class LynxCLI(LightningCLI):
     """LightningCLI over every :class:`LynxModel` subclass and every DataModule; pick them with
@@ -82,7 +84,16 @@ def explain_error(message: str) -> str:
 
 
 def main(args: list[str] | None = None) -> Any:
-    """Entry point of ``python -m lynx_zoo`` and the ``lynx-zoo`` script."""
+    """Entry point of ``python -m lynx_zoo`` and the ``lynx-zoo`` script.
+
+    ``evaluate`` and ``report`` are the evaluation commands (:mod:`lynx_zoo.evaluation.cli`);
+    everything else goes to LightningCLI (``fit``, ``validate``, ``test``, ``predict``).
+    """
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] in EVALUATION_COMMANDS:
+        from lynx_zoo.evaluation.cli import run_command
+
+        return run_command(argv)
     try:
         return LynxCLI(args=args, exit_on_error=False)
     except ArgumentError as err:

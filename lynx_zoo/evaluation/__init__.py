@@ -1,0 +1,62 @@
+"""Evaluation: MME, Open-VQA-style judging, OwlEval-style answer dumps, reports, and an lmms-eval plugin."""
+
+from lynx_zoo.evaluation.judges import (
+    JUDGE_PROMPT,
+    ExactMatchJudge,
+    Judge,
+    JudgeError,
+    Judgement,
+    JudgementCache,
+    OpenAIChatJudge,
+    TransformersJudge,
+    judge_all,
+    judge_prompt,
+    parse_judge_reply,
+)
+from lynx_zoo.evaluation.metrics import (
+    COGNITION,
+    MME_SUBTASKS,
+    PERCEPTION,
+    CategoryAccuracy,
+    MMEScore,
+    mme_yes_no,
+)
+from lynx_zoo.evaluation.mme import MMEBenchmark, MMEFormatError, MMEQuestion, load_mme
+from lynx_zoo.evaluation.report import write_report
+from lynx_zoo.evaluation.runner import (
+    Benchmark,
+    Evaluator,
+    Variant,
+    load_variant,
+    write_side_by_side,
+)
+
+__all__ = [
+    "COGNITION",
+    "JUDGE_PROMPT",
+    "MME_SUBTASKS",
+    "PERCEPTION",
+    "Benchmark",
+    "CategoryAccuracy",
+    "Evaluator",
+    "ExactMatchJudge",
+    "Judge",
+    "JudgeError",
+    "Judgement",
+    "JudgementCache",
+    "MMEBenchmark",
+    "MMEFormatError",
+    "MMEQuestion",
+    "MMEScore",
+    "OpenAIChatJudge",
+    "TransformersJudge",
+    "Variant",
+    "judge_all",
+    "judge_prompt",
+    "load_mme",
+    "load_variant",
+    "mme_yes_no",
+    "parse_judge_reply",
+    "write_report",
+    "write_side_by_side",
+]

@@ -1,0 +1,430 @@
+"""Evaluate lynx_zoo checkpoints ("variants") on benchmarks and write one results file per variant x benchmark.
+
+Benchmark kinds:
+
+* ``vqa``: a JSONL manifest (the training format), exact match after :func:`normalize_answer`,
+  accuracy per category;
+* ``openvqa``: a JSONL manifest of open-ended questions judged by a :class:`Judge` (Open-VQA);
+* ``mme``: an MME folder (:func:`load_mme`), scored as the official MME tool does;
+* ``owleval``: open instructions (JSONL: ``image``, ``instruction``, ``id``); answers only, for
+  people to rate, with a Markdown side-by-side table over every variant in the results folder.
+
+In ``RESULTS/``: ``<variant>__<benchmark>.json`` (metrics, checkpoint, run config, settings) and
+``<variant>__<benchmark>.predictions.jsonl`` (every answer; judged benchmarks add the verdict and
+the judge's raw reply); owleval adds ``<benchmark>.side_by_side.md`` and ``.jsonl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from lynx_zoo.data.manifest import read_manifest
+from lynx_zoo.evaluation.judges import ExactMatchJudge, Judge, JudgementCache, judge_all
+from lynx_zoo.evaluation.metrics import CategoryAccuracy, mme_yes_no
+from lynx_zoo.evaluation.mme import load_mme
+from lynx_zoo.fusion.base import LynxModel
+
+log = logging.getLogger(__name__)
+
+BenchmarkKind = Literal["vqa", "openvqa", "mme", "owleval"]
+BENCHMARK_KINDS: tuple[BenchmarkKind, ...] = ("vqa", "openvqa", "mme", "owleval")
+_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A checkpoint to evaluate and the name its results go under."""
+
+    name: str
+    checkpoint: Path
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A benchmark: its kind, the name its results go under, and its file or folder."""
+
+    kind: BenchmarkKind
+    name: str
+    path: Path
+
+
+def _check_name(name: str, what: str) -> str:
+    if not _NAME.match(name):
+        raise ValueError(f"{what} name {name!r}: use only letters, digits, '.', '_' and '-'")
+    return name
+
+
+def _split_spec(spec: str) -> tuple[str | None, Path]:
+    """``NAME=PATH`` -> ``(NAME, PATH)``; a plain path -> ``(None, PATH)``.
+
+    A path may hold '=' (Lightning names checkpoints ``epoch=3-step=40.ckpt``): an existing path, or
+    text before the first '=' that is no valid name, is a plain path.
+    """
+    name, sep, path = spec.partition("=")
+    if not sep or Path(spec).exists() or not _NAME.match(name):
+        return None, Path(spec)
+    return name, Path(path)
+
+
+def _default_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text)
+
+
+def parse_variant(spec: str) -> Variant:
+    """``NAME=PATH`` or ``PATH`` (named after its run folder: ``runs/NAME/lightning_logs/...``, else the file stem)."""
+    name, path = _split_spec(spec)
+    if name is None:
+        parts = path.parts
+        name = _default_name(parts[parts.index("lightning_logs") - 1] if "lightning_logs" in parts[1:] else path.stem)
+    return Variant(_check_name(name, "variant"), path)
+
+
+def parse_benchmark(kind: BenchmarkKind, spec: str) -> Benchmark:
+    """``NAME=PATH`` or ``PATH`` (named ``<kind>-<file stem>``)."""
+    name, path = _split_spec(spec)
+    return Benchmark(kind, _check_name(name or _default_name(f"{kind}-{path.stem}"), "benchmark"), path)
+
+
+def resolve_model_class(class_path: str) -> type[LynxModel]:
+    """A :class:`LynxModel` subclass from ``module.Class`` or a short zoo name (``PrefixLynx``)."""
+    module, _, name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module or "lynx_zoo"), name, None)
+    if not (isinstance(cls, type) and issubclass(cls, LynxModel)):
+        raise ValueError(f"model class {class_path!r} is not a LynxModel subclass (e.g. PrefixLynx, CrossAttnLynx)")
+    return cls
+
+
+def load_variant(checkpoint: Path, device: str, model_class: str | None = None) -> LynxModel:
+    """The model of a lynx_zoo checkpoint, its class from the checkpoint (``_class_path``) or ``model_class``."""
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    hparams = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+    class_path = hparams.get("_class_path") or model_class
+    if not class_path:
+        raise ValueError(
+            f"{checkpoint}: its hyper-parameters have no `_class_path` (not saved through the lynx_zoo CLI); "
+            "name the model class, e.g. --model-class PrefixLynx"
+        )
+    model = resolve_model_class(class_path).load_from_checkpoint(checkpoint, map_location=device)
+    return model.eval()
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+
+
+def _number(value: torch.Tensor | float) -> float | None:
+    number = float(value)
+    return None if math.isnan(number) else number
+
+
+def _open_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as err:
+        raise OSError(f"cannot read image {path}: {err}") from err
+
+
+def generate_answers(
+    model: LynxModel, items: Sequence[tuple[Path, str]], batch_size: int, generation: dict[str, Any], desc: str
+) -> list[str]:
+    """The model's answers to ``(image path, question)`` pairs, in batches."""
+    answers: list[str] = []
+    with tqdm(total=len(items), desc=desc, unit="q", leave=False) as progress:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            answers.extend(model.generate([_open_image(p) for p, _ in chunk], [q for _, q in chunk], **generation))
+            progress.update(len(chunk))
+    return answers
+
+
+def read_instructions(path: Path) -> list[dict[str, str]]:
+    """OwlEval-style instructions: JSONL with ``image`` (relative to the file), ``instruction`` and ``id``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"instructions file not found: {path}")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        missing = [
+            k
+            for k in ("image", "instruction", "id")
+            if not isinstance(record, dict) or not isinstance(record.get(k), (str, int))
+        ]
+        if missing:
+            raise ValueError(
+                f"{path}:{number}: missing or non-string field(s) {missing}; expected image, instruction, id"
+            )
+        records.append(
+            {"image": str(record["image"]), "instruction": str(record["instruction"]), "id": str(record["id"])}
+        )
+    if not records:
+        raise ValueError(f"{path}: no instructions")
+    return records
+
+
+@dataclass
+class Evaluator:
+    """Runs benchmarks for variants and writes the results (see the module docstring).
+
+    Args:
+        results_dir: where results go.
+        judge: the judge of ``openvqa`` benchmarks (``vqa`` always uses normalised exact match).
+        cache: the judgement cache (``None``: no cache).
+        batch_size: questions per ``generate`` call.
+        generation: ``generate`` settings (the model's ``eval_generation`` fills the rest).
+        limit: at most this many questions per benchmark (MME: images per subtask).
+        device: where the model runs.
+        model_class: the model class for checkpoints that do not record one.
+    """
+
+    results_dir: Path
+    judge: Judge
+    cache: JudgementCache | None = None
+    batch_size: int = 8
+    generation: dict[str, Any] = dataclasses.field(default_factory=dict)
+    limit: int | None = None
+    device: str = "cpu"
+    model_class: str | None = None
+
+    def run(self, variants: Sequence[Variant], benchmarks: Sequence[Benchmark]) -> list[Path]:
+        """Evaluate every variant on every benchmark; the paths of the results files written."""
+        names = [v.name for v in variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant names collide: {names}; name them with NAME=PATH")
+        bench_names = [b.name for b in benchmarks]
+        if len(set(bench_names)) != len(bench_names):
+            raise ValueError(f"benchmark names collide: {bench_names}; name them with NAME=PATH")
+        missing = [str(p) for p in [*(v.checkpoint for v in variants), *(b.path for b in benchmarks)] if not p.exists()]
+        if missing:  # before any model loads
+            raise FileNotFoundError(f"not found: {', '.join(missing)}")
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for variant in variants:
+            model = load_variant(variant.checkpoint, self.device, self.model_class)
+            for benchmark in benchmarks:
+                written.append(self.evaluate(model, variant, benchmark))
+            del model  # free it before the next variant loads
+        for benchmark in benchmarks:
+            if benchmark.kind == "owleval":
+                write_side_by_side(self.results_dir, benchmark.name)
+        return written
+
+    def evaluate(self, model: LynxModel, variant: Variant, benchmark: Benchmark) -> Path:
+        """One variant on one benchmark: writes and returns its results file."""
+        desc = f"{variant.name} {benchmark.name}"
+        if benchmark.kind == "mme":
+            result, rows = self._mme(model, benchmark, desc)
+        elif benchmark.kind == "owleval":
+            result, rows = self._owleval(model, benchmark, desc)
+        else:
+            judge = self.judge if benchmark.kind == "openvqa" else ExactMatchJudge()
+            result, rows = self._judged(model, benchmark, judge, desc)
+        stem = f"{variant.name}__{benchmark.name}"
+        predictions = self.results_dir / f"{stem}.predictions.jsonl"
+        with predictions.open("w", encoding="utf-8") as out:
+            for row in rows:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        checkpoint = variant.checkpoint.resolve()
+        run_config = checkpoint.parent.parent / "config.yaml"
+        record = {
+            "variant": variant.name,
+            "benchmark": benchmark.name,
+            "kind": benchmark.kind,
+            "data": str(benchmark.path.resolve()),
+            "checkpoint": str(checkpoint),
+            "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "run_config": str(run_config) if run_config.is_file() else None,
+            "hparams": _jsonable({k: v for k, v in model.hparams.items() if not k.startswith("_")}),
+            "generation": {**model.eval_generation, **self.generation},
+            "limit": self.limit,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "predictions": predictions.name,
+            **result,
+        }
+        path = self.results_dir / f"{stem}.json"
+        path.write_text(json.dumps(_jsonable(record), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in record["summary"].items() if v is not None)
+        log.info("%s: %s -> %s", desc, summary or f"{record['num_samples']} answers", path)
+        return path
+
+    def _limited(self, items: list[Any]) -> list[Any]:
+        return items[: self.limit] if self.limit is not None else items
+
+    def _judged(self, model: LynxModel, benchmark: Benchmark, judge: Judge, desc: str) -> tuple[dict, list[dict]]:
+        records, skipped = read_manifest(benchmark.path)
+        records = self._limited(records)
+        root = benchmark.path.parent
+        answers = generate_answers(
+            model, [(root / r["image"], r["question"]) for r in records], self.batch_size, self.generation, desc
+        )
+        judgements = judge_all(judge, [(r["question"], a, r["answer"]) for r, a in zip(records, answers)], self.cache)
+        categories = [r.get("category") or "all" for r in records]
+        metric = CategoryAccuracy(sorted(set(categories)))
+        metric.update([j.verdict == "yes" for j in judgements], categories, [j.verdict == "failed" for j in judgements])
+        accuracy = metric.compute()
+        rows = [
+            {
+                "id": r.get("id", str(i)),
+                "category": c,
+                "image": r["image"],
+                "question": r["question"],
+                "prediction": a,
+                "gt": r["answer"],
+                "verdict": j.verdict,
+                "raw": j.raw,
+                "error": j.error,
+                "judge": judge.judge_id,
+            }
+            for i, (r, c, a, j) in enumerate(zip(records, categories, answers, judgements))
+        ]
+        details = {
+            c: {
+                "correct": int(metric.correct[i]),
+                "total": int(metric.total[i]),
+                "judge_failures": int(metric.failed[i]),
+            }
+            for i, c in enumerate(metric.categories)
+        }
+        result = {
+            "judge": judge.describe(),
+            "num_samples": len(records),
+            "skipped_lines": dict(skipped),
+            "judge_failures": int(metric.failed.sum()),
+            "unit": "accuracy",
+            "summary": {"overall": _number(accuracy["overall"])},
+            "metrics": {c: _number(accuracy[c]) for c in metric.categories},
+            "details": details,
+        }
+        return result, rows
+
+    def _mme(self, model: LynxModel, benchmark: Benchmark, desc: str) -> tuple[dict, list[dict]]:
+        mme = load_mme(benchmark.path)
+        if self.limit is not None:
+            mme = mme.limit_images(self.limit)
+        questions = mme.questions
+        answers = generate_answers(
+            model, [(q.image, q.question) for q in questions], self.batch_size, self.generation, desc
+        )
+        metric = mme.metric()
+        metric.update(answers, [q.answer for q in questions], [q.image_id for q in questions])
+        scores = metric.compute()
+        present = [s for s in mme.subtasks if f"{s}/score" in scores]
+        rows = [
+            {
+                "subtask": q.subtask,
+                "image": str(q.image.relative_to(mme.root)),
+                "question": q.question,
+                "prediction": a,
+                "gt": q.answer,
+                "read_as": mme_yes_no(a),
+            }
+            for q, a in zip(questions, answers)
+        ]
+        result = {
+            "num_samples": len(questions),
+            "unit": "score",
+            "summary": {"perception": _number(scores["perception"]), "cognition": _number(scores["cognition"])},
+            "metrics": {s: _number(scores[f"{s}/score"]) for s in present},
+            "details": {
+                s: {
+                    "acc": _number(scores[f"{s}/acc"]),
+                    "acc_plus": _number(scores[f"{s}/acc_plus"]),
+                    "score": _number(scores[f"{s}/score"]),
+                    "other_answers": int(scores[f"{s}/other"]),
+                }
+                for s in present
+            },
+        }
+        return result, rows
+
+    def _owleval(self, model: LynxModel, benchmark: Benchmark, desc: str) -> tuple[dict, list[dict]]:
+        records = self._limited(read_instructions(benchmark.path))
+        root = benchmark.path.parent
+        answers = generate_answers(
+            model, [(root / r["image"], r["instruction"]) for r in records], self.batch_size, self.generation, desc
+        )
+        rows = [{**r, "image": str((root / r["image"]).resolve()), "answer": a} for r, a in zip(records, answers)]
+        return {"num_samples": len(records), "unit": None, "summary": {}, "metrics": {}}, rows
+
+
+def _owleval_results(results_dir: Path, benchmark: str) -> Iterator[dict]:
+    for path in sorted(results_dir.glob(f"*__{benchmark}.json")):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("benchmark") == benchmark and record.get("kind") == "owleval":
+            yield record
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "<br>")
+
+
+def write_side_by_side(results_dir: Path, benchmark: str) -> tuple[Path, Path]:
+    """``<benchmark>.side_by_side.{jsonl,md}`` over every variant's answers in ``results_dir``.
+
+    The JSONL has, per instruction, each variant's answer and an empty ``ratings`` slot (1-5) per
+    variant for the raters; the Markdown table shows the image, the instruction and the answers.
+    """
+    variants: list[str] = []
+    by_id: dict[str, dict] = {}
+    for record in _owleval_results(results_dir, benchmark):
+        variants.append(record["variant"])
+        for line in (results_dir / record["predictions"]).read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            entry = by_id.setdefault(
+                row["id"], {"id": row["id"], "image": row["image"], "instruction": row["instruction"], "answers": {}}
+            )
+            entry["answers"][record["variant"]] = row["answer"]
+    if not variants:
+        raise FileNotFoundError(f"{results_dir}: no results for benchmark {benchmark!r}")
+    jsonl = results_dir / f"{benchmark}.side_by_side.jsonl"
+    with jsonl.open("w", encoding="utf-8") as out:
+        for entry in by_id.values():
+            out.write(json.dumps({**entry, "ratings": {v: None for v in variants}}, ensure_ascii=False) + "\n")
+    lines = [
+        f"# {benchmark}: answers side by side",
+        "",
+        f"Rate each answer 1-5 in `{jsonl.name}` (`ratings`).",
+        "",
+        "| id | image | instruction | " + " | ".join(variants) + " |",
+        "|---" * (3 + len(variants)) + "|",
+    ]
+    for entry in by_id.values():
+        image = os.path.relpath(entry["image"], results_dir)
+        answers = [_cell(entry["answers"].get(v, "")) for v in variants]
+        lines.append(
+            f"| {_cell(entry['id'])} | ![{_cell(entry['id'])}]({image}) | {_cell(entry['instruction'])} | "
+            + " | ".join(answers)
+            + " |"
+        )
+    markdown = results_dir / f"{benchmark}.side_by_side.md"
+    markdown.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return jsonl, markdown
