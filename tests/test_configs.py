@@ -73,7 +73,6 @@ def test_pt_vicuna_420_parameter_counts_on_meta(llama_tokenizer_dir):
 
     adapters = sum(count(layer.adapter) for layer in model.llm.model.layers if hasattr(layer, "adapter"))
     vision, llm_total, bridge = count(model.vision), count(model.llm), count(model.bridge)
-    assert adapters == 16 * ADAPTER
     # vision: EVA ViT-g/14, 39 of 40 blocks, at 420 px (901 position embeddings): ~1.0B
     assert 0.95e9 < vision < 1.05e9, vision
     assert model.vision.num_tokens == 901

@@ -23,6 +23,10 @@ def test_low_resolution_checkpoint_starts_a_high_resolution_model(make_tiny, tmp
         torch.testing.assert_close(high.get_parameter(name), low.get_parameter(name))
     tokens = high.encode_images(torch.randn(2, 3, 64, 64))
     assert tokens.shape == (2, 4, 32) and torch.isfinite(tokens).all()
+    # only once: a second fit() keeps the weights it has trained
+    high.bridge.latents.data.add_(1.0)
+    high.setup("fit")
+    assert not torch.allclose(high.bridge.latents, low.bridge.latents)
 
 
 def test_pt_weights_start_a_ca_model_but_not_the_reverse(make_tiny, tmp_path):

@@ -153,3 +153,37 @@ def test_bf16_frozen_llm_with_fp32_trainable_parts(make_tiny, fusion):
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
     out.loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable.values())
+
+
+@pytest.mark.parametrize("fusion", ["PrefixLynx", "CrossAttnLynx"])
+def test_cached_generation_agrees_with_the_forward_pass_on_a_padded_batch(make_tiny, fusion):
+    import lynx_zoo
+
+    model = make_tiny(getattr(lynx_zoo, fusion), llm={"trainable": True}).eval()
+    if fusion == "CrossAttnLynx":
+        for block in model.blocks():
+            block.attn_gate.data.fill_(0.7)
+    prompts = ["what color is the circle?", "how many shapes are there in the top left?"]
+    images = torch.randn(2, 3, 32, 32)
+    batch = model.processor.prompts([Sample(p) for p in prompts])
+    assert batch["attention_mask"][0].eq(0).any()  # the first prompt is left-padded
+    generated = model.generate_ids(batch["input_ids"], batch["attention_mask"], images, max_new_tokens=3, do_sample=False)
+    # greedy decoding with the KV cache == argmax of the uncached forward over the growing sequence
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    finished = torch.zeros(2, dtype=torch.bool)  # rows that produced EOS are padded afterwards
+    for step in range(generated.shape[1]):
+        with torch.no_grad():
+            next_token = model(ids, mask, images).logits[:, -1].argmax(-1)
+        assert torch.equal(next_token[~finished], generated[~finished, step]), step
+        finished |= generated[:, step] == model.tokenizer.eos_token_id
+        ids = torch.cat([ids, generated[:, step : step + 1]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+
+
+def test_frozen_llm_stays_in_eval_mode_through_train_and_generate(make_tiny):
+    model = make_tiny()
+    model.train()
+    assert model.training and model.bridge.training and not model.llm.training
+    model.generate(torch.randn(1, 3, 32, 32), ["how many shapes are there?"], max_new_tokens=1)
+    assert model.training and not model.llm.training and not model.vision.model.training
+    assert make_tiny(llm={"trainable": True}).train().llm.training

@@ -37,9 +37,21 @@ def test_unreadable_samples_are_dropped_and_counted():
     assert batch["input_ids"].shape[0] == 1 and batch["num_skipped"] == 2
 
 
-def test_truncation_keeps_the_prompt_start_and_the_limit():
-    ids, labels = processor(max_length=6).encode(Sample("what color is the circle?", "red"))
-    assert len(ids) == len(labels) == 6 and ids[0] == processor().tokenizer.bos_token_id
+def test_truncation_shortens_the_instruction_and_keeps_the_answer_slot():
+    proc = processor(max_length=10)
+    ids, labels = proc.encode(Sample("what color is the circle in the top left?", "red"))
+    words = proc.tokenizer.convert_ids_to_tokens(ids)
+    assert len(ids) == len(labels) == 10
+    assert words == ["<s>", "user", ":", "what", "color", "is", "bot", ":", "red", "</s>"]
+    assert labels[-2:] == ids[-2:]
+    prompt = proc.prompts([Sample("what color is the circle in the top left?")])
+    assert proc.tokenizer.convert_ids_to_tokens(prompt["input_ids"][0])[-2:] == ["bot", ":"]
+
+
+def test_a_sample_whose_answer_cannot_fit_is_dropped_and_counted():
+    proc = processor(max_length=5)  # "<s> user : bot :" alone fills it
+    batch = proc([Sample("how many shapes are there?", "two", image=torch.zeros(3, 2, 2))])
+    assert batch["input_ids"].shape[0] == 0 and batch["num_skipped"] == 1
 
 
 def test_prompts_for_generation_have_no_answer():

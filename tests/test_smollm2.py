@@ -27,7 +27,7 @@ def test_gguf_weights_are_real_and_cached(smollm2_pt):
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = llm.generate(**ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
-    # the dequantised copy is reused: a second build does not read the GGUF again
+    # a second build loads the cached, dequantised copy: the same weights
     again = build_llm(SMOLLM2, load_tokenizer(SMOLLM2))
     torch.testing.assert_close(again.model.layers[3].mlp.up_proj.weight, llm.model.layers[3].mlp.up_proj.weight)
 

@@ -103,10 +103,10 @@ class ManifestDataset(Dataset):
             instruction=record["question"],
             answer=record["answer"],
             image=pixels,
-            category=record.get("category", ""),
+            category=str(record.get("category") or ""),
             id=str(record.get("id", index)),
         )
 
     @property
     def categories(self) -> list[str]:
-        return sorted({r.get("category", "") for r in self.records})
+        return sorted({str(r.get("category") or "") for r in self.records})

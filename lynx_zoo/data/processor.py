@@ -35,7 +35,8 @@ class PromptConfig:
     Args:
         template: the instruction prompt; the answer follows it after a space, then EOS (Lynx:
             ``User: {instruction}\\nBot:``).
-        max_length: text tokens per sample (prompt + answer); longer samples lose the end of the answer.
+        max_length: text tokens per sample (prompt + answer); longer samples lose the end of their
+            instruction first, then the end of their answer.
         lower_case: lower-case instructions (Lynx does at evaluation).
     """
 
@@ -69,24 +70,37 @@ class LynxProcessor:
             instruction = instruction.lower()
         return self.prompt.template.format(instruction=instruction)
 
+    def _prompt_ids(self, instruction: str) -> list[int]:
+        ids = self.tokenizer(self.format_prompt(instruction), add_special_tokens=False)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        return ids if bos is None else [bos, *ids]
+
     def encode(self, sample: Sample, with_answer: bool = True) -> tuple[list[int], list[int]]:
-        """Token ids and labels of one sample (labels are ``IGNORE_INDEX`` on the prompt)."""
-        tok = self.tokenizer
-        prompt_ids = tok(self.format_prompt(sample.instruction), add_special_tokens=False)["input_ids"]
-        if tok.bos_token_id is not None:
-            prompt_ids = [tok.bos_token_id, *prompt_ids]
+        """Token ids and labels of one sample (labels are ``IGNORE_INDEX`` on the prompt).
+
+        Over ``max_length``, the instruction is shortened first (the template's ending, ``Bot:``,
+        stays so the model still knows where to answer), then the end of the answer.
+        """
+        tok, limit = self.tokenizer, self.prompt.max_length
         answer_ids: list[int] = []
         if with_answer:
             answer_ids = tok(" " + sample.answer.strip(), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        ids = (prompt_ids + answer_ids)[: self.prompt.max_length]
-        labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[: self.prompt.max_length]
-        return ids, labels
+        prompt_ids = self._prompt_ids(sample.instruction)
+        excess = len(prompt_ids) + len(answer_ids) - limit
+        if excess > 0:
+            instruction_ids = tok(sample.instruction, add_special_tokens=False)["input_ids"]
+            shorter = tok.decode(instruction_ids[: max(0, len(instruction_ids) - excess)])
+            prompt_ids = self._prompt_ids(shorter)[:limit]
+            answer_ids = answer_ids[: max(0, limit - len(prompt_ids))]
+        return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids
 
     def __call__(self, samples: list[Sample | None]) -> dict[str, Any]:
-        """Collate training samples; ``None`` entries (unreadable inputs) are dropped and counted."""
-        kept = [s for s in samples if s is not None]
-        batch = self._pad([self.encode(s) for s in kept])
-        batch.update(self._meta(kept))
+        """Collate training samples. ``None`` entries (unreadable inputs) and samples whose answer
+        cannot fit ``max_length`` at all are dropped and counted in ``num_skipped``."""
+        encoded = [(s, self.encode(s)) for s in samples if s is not None]
+        kept = [(s, e) for s, e in encoded if any(label != IGNORE_INDEX for label in e[1])]
+        batch = self._pad([e for _, e in kept])
+        batch.update(self._meta([s for s, _ in kept]))
         batch["num_skipped"] = len(samples) - len(kept)
         return batch
 

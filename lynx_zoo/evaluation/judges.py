@@ -37,7 +37,7 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lynx_zoo.fusion.base import normalize_answer
+from lynx_zoo.data.answers import normalize_answer
 from lynx_zoo.llm import LLMConfig, build_llm, load_tokenizer
 
 log = logging.getLogger(__name__)

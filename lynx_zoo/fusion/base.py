@@ -8,7 +8,7 @@ by implementing :meth:`LynxModel.forward` and :meth:`LynxModel.generate_ids`.
 
 from __future__ import annotations
 
-import re
+import warnings
 from typing import Any
 
 import lightning as L
@@ -19,6 +19,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lynx_zoo.adapters import AdapterConfig, insert_adapters
 from lynx_zoo.bridge import BridgeConfig, build_bridge
+from lynx_zoo.data.answers import metric_key, normalize_answer
 from lynx_zoo.data.processor import LynxProcessor, PromptConfig, Sample
 from lynx_zoo.llm import LLMConfig, build_llm, load_tokenizer
 from lynx_zoo.training.optim import OptimizerConfig, build_optimizer
@@ -30,9 +31,9 @@ from lynx_zoo.vision import VisionConfig, VisionEncoder, resample_vision_pos_emb
 torch.serialization.add_safe_globals([VisionConfig, BridgeConfig, LLMConfig, AdapterConfig, OptimizerConfig, PromptConfig])
 
 
-def normalize_answer(text: str) -> str:
-    """Lower-case, drop punctuation and extra spaces: the exact-match comparison of answers."""
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip padding: 0, 1, 2, ... over the real tokens of each row (pads get 0)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 class LynxModel(L.LightningModule):
@@ -85,6 +86,18 @@ class LynxModel(L.LightningModule):
         # before Lightning restores a checkpoint of this run (resume), so a resumed run keeps its own weights
         if stage == "fit" and self.init_from:
             self.load_weights(self.init_from)
+            self.init_from = None  # once: a second fit() must not go back to the starting weights
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the weights come from this checkpoint: never re-initialise them from `init_from`
+        self.init_from = None
+
+    def train(self, mode: bool = True) -> LynxModel:
+        """Train mode for the trainable parts; a frozen LLM stays in eval mode (no dropout)."""
+        super().train(mode)
+        if not self.llm_config.trainable:
+            self.llm.eval()
+        return self
 
     def load_weights(self, path: str) -> None:
         """Initialise from another lynx_zoo checkpoint's weights, resampling vision position embeddings."""
@@ -152,7 +165,7 @@ class LynxModel(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         for category in getattr(datamodule, "categories", []):
-            key = category or "all"
+            key = metric_key(category)
             if key not in self.val_accuracy:
                 self.val_accuracy[key] = MeanMetric().to(self.device)
 
@@ -170,15 +183,19 @@ class LynxModel(L.LightningModule):
             )
         )
         for prediction, answer, category in zip(predictions, batch["answers"], batch["categories"]):
-            key = category or "all"
+            key = metric_key(category)
             if key not in self.val_accuracy:
                 raise KeyError(f"validation category {key!r} was not declared by the DataModule's `categories`")
             self.val_accuracy[key].update(float(normalize_answer(prediction) == normalize_answer(answer)))
 
     def on_validation_epoch_end(self) -> None:
+        # every rank computes every metric (compute() syncs across processes), seen or not
         for key, metric in self.val_accuracy.items():
-            if metric.update_count:
-                self.log(f"val/acc/{key}", metric.compute(), prog_bar=False)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+                value = metric.compute()
+            if torch.isfinite(value):
+                self.log(f"val/acc/{key}", value)
             metric.reset()
 
     def decode(self, ids: torch.Tensor) -> list[str]:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from lynx_zoo.fusion.base import LynxModel
+from lynx_zoo.fusion.base import LynxModel, positions_from_mask
 from lynx_zoo.llm.layers import LayerPlacement, decoder_layers
 
 
@@ -163,7 +163,7 @@ class CrossAttnLynx(LynxModel):
     ) -> CausalLMOutputWithPast:
         """``media_positions`` ``(B, M)``: where each image appears (default: before the text)."""
         media = self.encode_media(images) if images is not None else None
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        position_ids = positions_from_mask(attention_mask)
         with self.conditioned_on(media, media_positions):
             return self.llm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
 

@@ -8,7 +8,7 @@ import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lynx_zoo.data.processor import IGNORE_INDEX
-from lynx_zoo.fusion.base import LynxModel
+from lynx_zoo.fusion.base import LynxModel, positions_from_mask
 
 
 class PrefixLynx(LynxModel):
@@ -40,8 +40,7 @@ class PrefixLynx(LynxModel):
         if labels is not None and inputs_embeds.shape[1] > labels.shape[1]:
             prefix = labels.new_full((labels.shape[0], inputs_embeds.shape[1] - labels.shape[1]), IGNORE_INDEX)
             labels = torch.cat([prefix, labels], dim=1)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        return self.llm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, labels=labels)
+        return self.llm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions_from_mask(mask), labels=labels)
 
     def generate_ids(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: torch.Tensor | None, **kwargs: Any

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,11 @@ def load_tokenizer(config: LLMConfig) -> PreTrainedTokenizerBase:
 def build_llm(config: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """Build or load the causal LM of ``config`` and fit its embeddings to ``tokenizer``."""
     dtype = getattr(torch, config.dtype) if config.dtype else torch.float32
+    if config.trainable and dtype in (torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"llm.dtype: {config.dtype} with llm.trainable: true would train the LLM without fp32 master "
+            "weights (most AdamW updates round to zero); use dtype float32 with a bf16-mixed precision"
+        )
     if config.pretrained:
         if config.model is None:
             raise ValueError("llm.model: a pretrained LLM needs a hub id or a local folder")
@@ -187,12 +193,17 @@ def _gguf_cache(config: LLMConfig) -> str:
     if not (cache / "config.json").is_file():
         llm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        tmp = cache.with_name(cache.name + ".tmp")
+        tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
         # transformers will not save_pretrained a GGUF-loaded model; the dequantised weights are
         # plain tensors, so write them and the config as an ordinary transformers folder.
         llm.config.save_pretrained(tmp)
         save_model(llm, str(tmp / "model.safetensors"))
         tokenizer.save_pretrained(tmp)
-        tmp.rename(cache)
+        try:
+            tmp.rename(cache)
+        except OSError:  # another process finished first: keep its copy
+            shutil.rmtree(tmp)
+            if not (cache / "config.json").is_file():
+                raise
     return str(cache)

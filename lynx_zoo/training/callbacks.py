@@ -7,12 +7,15 @@ from collections import Counter
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from lynx_zoo.data.answers import metric_key, normalize_answer
+
 
 def majority_rates(records: list[dict]) -> dict[str, float]:
     """Per category, the share of the most frequent answer: what always guessing it would score."""
     answers: dict[str, Counter] = {}
     for record in records:
-        answers.setdefault(record.get("category") or "all", Counter())[record["answer"].strip().lower()] += 1
+        category = metric_key(str(record.get("category") or ""))
+        answers.setdefault(category, Counter())[normalize_answer(record["answer"])] += 1
     return {c: counts.most_common(1)[0][1] / sum(counts.values()) for c, counts in answers.items()}
 
 
@@ -37,7 +40,9 @@ class HeldOutReport(L.Callback):
         if not self.accuracy or val_set is None:
             return
         chance = majority_rates(val_set.records)
-        lines = [f"Held-out accuracy after {trainer.global_step} steps ({len(val_set)} questions):",
+        limited = trainer.limit_val_batches != 1.0
+        scope = "a part of" if limited else "all"
+        lines = [f"Held-out accuracy after {trainer.global_step} steps ({scope} the {len(val_set)} held-out questions):",
                  f"  {'category':<12}{'accuracy':>10}{'chance':>10}"]
         for category in sorted(self.accuracy):
             lines.append(f"  {category:<12}{self.accuracy[category]:>10.3f}{chance.get(category, float('nan')):>10.3f}")
