@@ -9,6 +9,16 @@ from lynx_zoo.training import OptimizerConfig
 from lynx_zoo.vision import VisionConfig
 
 __all__ = [
-    "AdapterConfig", "BridgeConfig", "CrossAttnConfig", "CrossAttnLynx", "LLMConfig", "LynxModel", "OptimizerConfig", "PrefixLynx", "PromptConfig",
-    "ShapesVQADataModule", "VQADataModule", "VisionConfig",
+    "AdapterConfig",
+    "BridgeConfig",
+    "CrossAttnConfig",
+    "CrossAttnLynx",
+    "LLMConfig",
+    "LynxModel",
+    "OptimizerConfig",
+    "PrefixLynx",
+    "PromptConfig",
+    "ShapesVQADataModule",
+    "VQADataModule",
+    "VisionConfig",
 ]

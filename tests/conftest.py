@@ -18,14 +18,23 @@ def tiny_configs(**overrides) -> dict:
     """Configs of a tiny PT model: a 2-block ViT, a 1-layer resampler, a 4-layer width-32 LLaMA."""
     configs = dict(
         vision=VisionConfig(
-            model_name="vit_tiny_patch16_224", image_size=32,
+            model_name="vit_tiny_patch16_224",
+            image_size=32,
             model_kwargs=dict(patch_size=8, embed_dim=32, depth=2, num_heads=2),
         ),
         bridge=BridgeConfig(kind="resampler", num_queries=4, depth=1, num_heads=2, head_dim=8, ff_mult=2),
         llm=LLMConfig(
-            pretrained=False, tokenizer="lynx_zoo/shapes-words",
-            config=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128),
+            pretrained=False,
+            tokenizer="lynx_zoo/shapes-words",
+            config=dict(
+                model_type="llama",
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=4,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                max_position_embeddings=128,
+            ),
         ),
         adapters=AdapterConfig(every=2),
         optimizer=OptimizerConfig(lr=3e-3, min_lr=3e-4),

@@ -13,13 +13,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "lynx_zoo", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "lynx_zoo", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_cli_fits_the_tiny_config_and_the_checkpoint_reloads(tmp_path):
-    result = run_cli("fit", "--config", str(REPO / "configs/tiny.yaml"),
-                     f"--trainer.default_root_dir={tmp_path}", f"--data.init_args.root={tmp_path / 'shapes'}")
+    result = run_cli(
+        "fit",
+        "--config",
+        str(REPO / "configs/tiny.yaml"),
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--data.init_args.root={tmp_path / 'shapes'}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoints = list(tmp_path.rglob("*.ckpt"))
     assert len(checkpoints) == 1 and "step=4" in checkpoints[0].name
@@ -31,8 +37,14 @@ def test_cli_fits_the_tiny_config_and_the_checkpoint_reloads(tmp_path):
 
 
 def test_switching_pt_to_ca_with_every_other_key_unchanged_trains(tmp_path):
-    result = run_cli("fit", "--config", "configs/tiny.yaml", "--model=CrossAttnLynx",
-                     f"--trainer.default_root_dir={tmp_path}", f"--data.init_args.root={tmp_path / 'shapes'}")
+    result = run_cli(
+        "fit",
+        "--config",
+        "configs/tiny.yaml",
+        "--model=CrossAttnLynx",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--data.init_args.root={tmp_path / 'shapes'}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (checkpoint,) = tmp_path.rglob("*.ckpt")
     model = CrossAttnLynx.load_from_checkpoint(checkpoint)
@@ -53,8 +65,14 @@ def test_print_config_shows_the_resolved_model():
     "args, expected",
     [
         (["--model.init_args.bridge.knd=mlp"], "unknown option 'knd' for BridgeConfig: did you mean 'kind'?"),
-        (["--model=PrefixLinx"], "unknown model class 'PrefixLinx': did you mean 'PrefixLynx'? valid choices: CrossAttnLynx, PrefixLynx"),
-        (["--data.init_args.num_trian=3"], "unknown option 'num_trian' for ShapesVQADataModule: did you mean 'num_train'?"),
+        (
+            ["--model=PrefixLinx"],
+            "unknown model class 'PrefixLinx': did you mean 'PrefixLynx'? valid choices: CrossAttnLynx, PrefixLynx",
+        ),
+        (
+            ["--data.init_args.num_trian=3"],
+            "unknown option 'num_trian' for ShapesVQADataModule: did you mean 'num_train'?",
+        ),
         (["--trainer.max_stepz=3"], "unknown trainer option 'max_stepz': did you mean 'max_steps'?"),
     ],
 )

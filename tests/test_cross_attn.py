@@ -64,15 +64,17 @@ def test_each_token_reads_only_the_latest_media():
     changed[:, 0] += 1.0
     block.media = changed
     out2 = block(x, positions)
-    torch.testing.assert_close(out[:, :2], x[:, :2])          # before any media: untouched
-    assert not torch.allclose(out[:, 2:5], out2[:, 2:5])      # tokens 2-4 read the first image
-    torch.testing.assert_close(out[:, 5:], out2[:, 5:])       # tokens 5-7 read only the second
+    torch.testing.assert_close(out[:, :2], x[:, :2])  # before any media: untouched
+    assert not torch.allclose(out[:, 2:5], out2[:, 2:5])  # tokens 2-4 read the first image
+    torch.testing.assert_close(out[:, 5:], out2[:, 5:])  # tokens 5-7 read only the second
 
 
 @pytest.mark.parametrize(
     "llm_trainable, prefixes",
-    [(False, ("bridge.", "llm.model.layers.1.gated_xattn.", "llm.model.layers.3.gated_xattn.")),
-     (True, ("bridge.", "llm."))],
+    [
+        (False, ("bridge.", "llm.model.layers.1.gated_xattn.", "llm.model.layers.3.gated_xattn.")),
+        (True, ("bridge.", "llm.")),
+    ],
 )
 def test_gradients_reach_only_the_configured_parts(make_tiny, llm_trainable, prefixes):
     model = make_tiny(CrossAttnLynx, llm={"trainable": llm_trainable}, **CA)

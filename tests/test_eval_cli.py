@@ -16,9 +16,9 @@ from test_eval_mme import write_mme_fixture
 
 from lynx_zoo import PrefixLynx
 from lynx_zoo.cli import main
+from lynx_zoo.data.answers import normalize_answer
 from lynx_zoo.data.shapes import write_shapes_vqa
 from lynx_zoo.evaluation.runner import Variant, parse_benchmark, parse_variant
-from lynx_zoo.data.answers import normalize_answer
 
 
 def tiny_checkpoint(path: Path, seed: int, class_path: str | None) -> Path:

@@ -24,10 +24,23 @@ def test_outside_fusion_trains_with_the_cli_and_reloads(tmp_path, monkeypatch):
     (plugin_dir / "my_fusion.py").write_text(example_module())
     env = {**os.environ, "PYTHONPATH": f"{plugin_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     result = subprocess.run(
-        [sys.executable, "-m", "lynx_zoo", "fit", "--config", "configs/tiny.yaml",
-         "--model=my_fusion.PooledPrefixLynx", "--model.init_args.num_pooled=2",
-         f"--trainer.default_root_dir={tmp_path / 'run'}", f"--data.init_args.root={tmp_path / 'shapes'}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "lynx_zoo",
+            "fit",
+            "--config",
+            "configs/tiny.yaml",
+            "--model=my_fusion.PooledPrefixLynx",
+            "--model.init_args.num_pooled=2",
+            f"--trainer.default_root_dir={tmp_path / 'run'}",
+            f"--data.init_args.root={tmp_path / 'shapes'}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (checkpoint,) = (tmp_path / "run").rglob("*.ckpt")

@@ -18,8 +18,17 @@ def hf_folder(tmp_path):
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     torch.manual_seed(0)
-    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                       num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False))
+    llm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(WORDS),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        )
+    )
     llm.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     return tmp_path, llm
@@ -44,9 +53,19 @@ def test_pretrained_folder_loads_frozen_with_a_mean_initialised_pad(hf_folder):
 
 def test_random_weight_build_from_a_config_dict(hf_folder):
     folder, _ = hf_folder
-    config = LLMConfig(pretrained=False, tokenizer=str(folder), trainable=True,
-                       config={"model_type": "llama", "hidden_size": 8, "intermediate_size": 16,
-                               "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2})
+    config = LLMConfig(
+        pretrained=False,
+        tokenizer=str(folder),
+        trainable=True,
+        config={
+            "model_type": "llama",
+            "hidden_size": 8,
+            "intermediate_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+        },
+    )
     tokenizer = load_tokenizer(config)
     llm = build_llm(config, tokenizer)
     assert llm.config.vocab_size == len(tokenizer) == len(WORDS) + 1
@@ -59,7 +78,9 @@ def test_missing_sources_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="llm.gguf_file: no GGUF file at"):
         load_tokenizer(LLMConfig(model=str(tmp_path), gguf_file="nope.gguf"))
     with pytest.raises(ValueError, match="llm.config: an HF config dict needs a `model_type`"):
-        build_llm(LLMConfig(pretrained=False, tokenizer="lynx_zoo/shapes-words", config={"hidden_size": 8}),
-                  load_tokenizer(LLMConfig(tokenizer="lynx_zoo/shapes-words")))
+        build_llm(
+            LLMConfig(pretrained=False, tokenizer="lynx_zoo/shapes-words", config={"hidden_size": 8}),
+            load_tokenizer(LLMConfig(tokenizer="lynx_zoo/shapes-words")),
+        )
     with pytest.raises(FileNotFoundError, match="no installed package 'not_a_package'"):
         load_tokenizer(LLMConfig(model="package://not_a_package", gguf_file="x.gguf"))

@@ -42,8 +42,13 @@ def test_later_bad_lines_are_skipped_and_counted(tmp_path):
 
 def test_corrupt_image_yields_none_or_a_named_error(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    write(tmp_path / "m.jsonl", [{"image": "bad.png", "question": "q", "answer": "a"},
-                                 {"image": "missing.png", "question": "q", "answer": "a"}])
+    write(
+        tmp_path / "m.jsonl",
+        [
+            {"image": "bad.png", "question": "q", "answer": "a"},
+            {"image": "missing.png", "question": "q", "answer": "a"},
+        ],
+    )
     data = ManifestDataset(tmp_path / "m.jsonl", to_tensor)
     assert data[0] is None and data[1] is None
     with pytest.raises(OSError, match="cannot read image .*bad.png"):

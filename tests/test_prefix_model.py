@@ -13,8 +13,12 @@ def batch_of(model, samples):
 
 
 def shapes_samples(n=2, size=32):
-    questions = [("what color is the circle?", "red"), ("how many shapes are there?", "three"),
-                 ("where is the blue square?", "top left"), ("what shape is the red object?", "triangle")]
+    questions = [
+        ("what color is the circle?", "red"),
+        ("how many shapes are there?", "three"),
+        ("where is the blue square?", "top left"),
+        ("what shape is the red object?", "triangle"),
+    ]
     return [Sample(q, a, image=torch.randn(3, size, size), category="c") for q, a in questions[:n]]
 
 
@@ -91,9 +95,17 @@ def test_without_image_and_adapters_pt_equals_its_llm(make_tiny):
 def fit_tiny(make_tiny, shapes_root, tmp_path, steps):
     model = make_tiny(llm={"trainable": True})
     data = VQADataModule(str(shapes_root / "train.jsonl"), str(shapes_root / "val.jsonl"), batch_size=16, num_workers=0)
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        default_root_dir=tmp_path, num_sanity_val_steps=0, limit_val_batches=1,
-                        enable_model_summary=False, log_every_n_steps=1)
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
     trainer.fit(model, data)
     return model, data, trainer
 
@@ -167,7 +179,9 @@ def test_cached_generation_agrees_with_the_forward_pass_on_a_padded_batch(make_t
     images = torch.randn(2, 3, 32, 32)
     batch = model.processor.prompts([Sample(p) for p in prompts])
     assert batch["attention_mask"][0].eq(0).any()  # the first prompt is left-padded
-    generated = model.generate_ids(batch["input_ids"], batch["attention_mask"], images, max_new_tokens=3, do_sample=False)
+    generated = model.generate_ids(
+        batch["input_ids"], batch["attention_mask"], images, max_new_tokens=3, do_sample=False
+    )
     # greedy decoding with the KV cache == argmax of the uncached forward over the growing sequence
     ids, mask = batch["input_ids"], batch["attention_mask"]
     finished = torch.zeros(2, dtype=torch.bool)  # rows that produced EOS are padded afterwards

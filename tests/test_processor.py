@@ -20,8 +20,12 @@ def test_layout_bos_prompt_answer_eos_with_loss_on_answer_only():
 
 def test_batches_are_left_padded_with_masked_labels():
     proc = processor()
-    batch = proc([Sample("how many shapes are there?", "two", image=torch.zeros(3, 4, 4)),
-                  Sample("what shape is the red object?", "top left", image=torch.ones(3, 4, 4))])
+    batch = proc(
+        [
+            Sample("how many shapes are there?", "two", image=torch.zeros(3, 4, 4)),
+            Sample("what shape is the red object?", "top left", image=torch.ones(3, 4, 4)),
+        ]
+    )
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     assert ids.shape == mask.shape == labels.shape
     short = int(mask[0].sum())

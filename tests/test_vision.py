@@ -36,12 +36,23 @@ def test_frozen_tower_has_no_trainable_parameters_and_stays_in_eval():
 
 
 def test_checkpoint_at_224_loads_at_420_with_resampled_pos_embed(tmp_path):
-    source = VisionEncoder(VisionConfig(model_name="vit_tiny_patch16_224", image_size=224,
-                                        model_kwargs=dict(patch_size=14, embed_dim=32, depth=2, num_heads=2)))
+    source = VisionEncoder(
+        VisionConfig(
+            model_name="vit_tiny_patch16_224",
+            image_size=224,
+            model_kwargs=dict(patch_size=14, embed_dim=32, depth=2, num_heads=2),
+        )
+    )
     path = tmp_path / "vit224.safetensors"
     save_file({k: v.contiguous() for k, v in source.model.state_dict().items()}, path)
-    target = VisionEncoder(VisionConfig(model_name="vit_tiny_patch16_224", image_size=420, checkpoint_path=str(path),
-                                        model_kwargs=dict(patch_size=14, embed_dim=32, depth=2, num_heads=2)))
+    target = VisionEncoder(
+        VisionConfig(
+            model_name="vit_tiny_patch16_224",
+            image_size=420,
+            checkpoint_path=str(path),
+            model_kwargs=dict(patch_size=14, embed_dim=32, depth=2, num_heads=2),
+        )
+    )
     # timm loads strictly: every key present, pos_embed resampled from 16x16+1 to 30x30+1
     assert target.model.pos_embed.shape == (1, 30 * 30 + 1, 32)
     torch.testing.assert_close(target.model.blocks[0].attn.qkv.weight, source.model.blocks[0].attn.qkv.weight)

@@ -5,6 +5,13 @@ from lynx_zoo.data.manifest import ManifestDataset, ManifestError, read_manifest
 from lynx_zoo.data.processor import IGNORE_INDEX, LynxProcessor, PromptConfig, Sample
 
 __all__ = [
-    "IGNORE_INDEX", "LynxProcessor", "ManifestDataset", "ManifestError", "PromptConfig", "Sample",
-    "ShapesVQADataModule", "VQADataModule", "read_manifest",
+    "IGNORE_INDEX",
+    "LynxProcessor",
+    "ManifestDataset",
+    "ManifestError",
+    "PromptConfig",
+    "Sample",
+    "ShapesVQADataModule",
+    "VQADataModule",
+    "read_manifest",
 ]

@@ -52,8 +52,10 @@ class VQADataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.processor is None:
             if self.trainer is None or not hasattr(self.trainer.lightning_module, "processor"):
-                raise RuntimeError("VQADataModule needs a processor: attach it to a lynx_zoo model's trainer "
-                                   "or set `datamodule.processor = model.processor`")
+                raise RuntimeError(
+                    "VQADataModule needs a processor: attach it to a lynx_zoo model's trainer "
+                    "or set `datamodule.processor = model.processor`"
+                )
             self.processor = self.trainer.lightning_module.processor
         transform = self.processor.image_transform
         if stage in (None, "fit") and self.train_set is None:

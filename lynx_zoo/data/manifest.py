@@ -49,7 +49,9 @@ def read_manifest(path: str | Path, strict: bool = False) -> tuple[list[dict], C
             except json.JSONDecodeError as err:
                 problem, reason = f"not valid JSON ({err.msg})", "malformed_line"
             else:
-                missing = [f for f in REQUIRED_FIELDS if not isinstance(record, dict) or not isinstance(record.get(f), str)]
+                missing = [
+                    f for f in REQUIRED_FIELDS if not isinstance(record, dict) or not isinstance(record.get(f), str)
+                ]
                 if missing:
                     problem, reason = f"missing or non-string field(s) {missing}", "missing_field"
                 elif not record["answer"].strip():

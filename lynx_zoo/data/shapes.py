@@ -94,7 +94,9 @@ def scene_questions(rng: random.Random, objects: list[dict]) -> list[tuple[str, 
     if by_shape is not None:
         questions.append(("colour", f"what color is the {by_shape['shape']}?", by_shape["colour"]))
     else:  # every shape repeats: ask about the one that is unique by colour and shape together
-        questions.append(("colour", f"what color is the {target['shape']} in the {target['quadrant']}?", target["colour"]))
+        questions.append(
+            ("colour", f"what color is the {target['shape']} in the {target['quadrant']}?", target["colour"])
+        )
     questions.append(("shape", f"what shape is the {target['colour']} object?", target["shape"]))
     questions.append(("counting", "how many shapes are there?", NUMBERS[len(objects) - 1]))
     where = rng.choice(objects)
@@ -114,8 +116,13 @@ def write_shapes_vqa(root: str | Path, num_train: int, num_val: int, image_size:
             name = f"images/{split}_{index:06d}.png"
             image.save(root / name)
             for category, question, answer in scene_questions(rng, objects):
-                record = {"id": f"{split}_{index:06d}_{category}", "image": name, "question": question,
-                          "answer": answer, "category": category}
+                record = {
+                    "id": f"{split}_{index:06d}_{category}",
+                    "image": name,
+                    "question": question,
+                    "answer": answer,
+                    "category": category,
+                }
                 lines.append(json.dumps(record))
         tmp = root / f"{split}.jsonl.tmp"
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -25,10 +25,11 @@ from lynx_zoo.llm import LLMConfig, build_llm, load_tokenizer
 from lynx_zoo.training.optim import OptimizerConfig, build_optimizer
 from lynx_zoo.vision import VisionConfig, VisionEncoder, resample_vision_pos_embed
 
-
 # Checkpoints keep the model's config dataclasses as hyper-parameters; allow exactly these through
 # torch's safe (weights-only) unpickler so checkpoints load without arbitrary code execution.
-torch.serialization.add_safe_globals([VisionConfig, BridgeConfig, LLMConfig, AdapterConfig, OptimizerConfig, PromptConfig])
+torch.serialization.add_safe_globals(
+    [VisionConfig, BridgeConfig, LLMConfig, AdapterConfig, OptimizerConfig, PromptConfig]
+)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -202,7 +203,9 @@ class LynxModel(L.LightningModule):
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     @torch.no_grad()
-    def generate(self, images: list[Any] | torch.Tensor | None, prompts: list[str], **generation_kwargs: Any) -> list[str]:
+    def generate(
+        self, images: list[Any] | torch.Tensor | None, prompts: list[str], **generation_kwargs: Any
+    ) -> list[str]:
         """Answer a batch of (image, instruction) pairs.
 
         ``images``: PIL images (transformed here), a tensor batch already transformed, or ``None``;

@@ -62,7 +62,9 @@ class GatedCrossAttentionBlock(nn.Module):
         self.to_out = nn.Linear(inner, width, bias=False)
         self.attn_gate = nn.Parameter(torch.zeros(1))
         self.ff = nn.Sequential(
-            nn.LayerNorm(width), nn.Linear(width, ff_mult * width, bias=False), nn.GELU(),
+            nn.LayerNorm(width),
+            nn.Linear(width, ff_mult * width, bias=False),
+            nn.GELU(),
             nn.Linear(ff_mult * width, width, bias=False),
         )
         self.ff_gate = nn.Parameter(torch.zeros(1))
@@ -165,7 +167,9 @@ class CrossAttnLynx(LynxModel):
         media = self.encode_media(images) if images is not None else None
         position_ids = positions_from_mask(attention_mask)
         with self.conditioned_on(media, media_positions):
-            return self.llm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
+            return self.llm(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels
+            )
 
     def generate_ids(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: torch.Tensor | None, **kwargs: Any

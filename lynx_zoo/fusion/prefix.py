@@ -40,7 +40,9 @@ class PrefixLynx(LynxModel):
         if labels is not None and inputs_embeds.shape[1] > labels.shape[1]:
             prefix = labels.new_full((labels.shape[0], inputs_embeds.shape[1] - labels.shape[1]), IGNORE_INDEX)
             labels = torch.cat([prefix, labels], dim=1)
-        return self.llm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions_from_mask(mask), labels=labels)
+        return self.llm(
+            inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions_from_mask(mask), labels=labels
+        )
 
     def generate_ids(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: torch.Tensor | None, **kwargs: Any

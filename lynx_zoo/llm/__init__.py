@@ -9,4 +9,11 @@ from lynx_zoo.llm.causal_lm import (
     register_tokenizer,
 )
 
-__all__ = ["BUILTIN_TOKENIZERS", "KNOWN_ARCHITECTURES", "LLMConfig", "build_llm", "load_tokenizer", "register_tokenizer"]
+__all__ = [
+    "BUILTIN_TOKENIZERS",
+    "KNOWN_ARCHITECTURES",
+    "LLMConfig",
+    "build_llm",
+    "load_tokenizer",
+    "register_tokenizer",
+]

@@ -19,21 +19,33 @@ PAD_TOKEN = "[PAD]"
 
 # Architectures of well-known base LLMs, so that a variant can be built with random weights (speed and
 # memory runs, parameter counts on the meta device) where the hub cannot be reached.
+LLAMA_7B: dict[str, Any] = dict(
+    model_type="llama",
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
 KNOWN_ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "lmsys/vicuna-7b-v1.1": dict(
-        model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048,
-        rms_norm_eps=1e-6, tie_word_embeddings=False,
-    ),
-    "huggyllama/llama-7b": dict(
-        model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048,
-        rms_norm_eps=1e-6, tie_word_embeddings=False,
-    ),
+    "lmsys/vicuna-7b-v1.1": LLAMA_7B,  # Vicuna v1.1 is a LLaMA-7B fine-tune: same shapes
+    "huggyllama/llama-7b": LLAMA_7B,
     "HuggingFaceTB/SmolLM2-135M-Instruct": dict(
-        model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
-        rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+        model_type="llama",
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
     ),
 }
 
@@ -150,7 +162,9 @@ def _architecture(config: LLMConfig, vocab_size: int) -> Any:
         return AutoConfig.for_model(overrides.pop("model_type"), **overrides)
     if config.model is None:
         raise ValueError("llm: give `model` or `config` to build an LLM")
-    return AutoConfig.from_pretrained(config.model, revision=config.revision, trust_remote_code=config.trust_remote_code)
+    return AutoConfig.from_pretrained(
+        config.model, revision=config.revision, trust_remote_code=config.trust_remote_code
+    )
 
 
 def _fit_embeddings(llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:

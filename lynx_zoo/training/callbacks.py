@@ -42,8 +42,10 @@ class HeldOutReport(L.Callback):
         chance = majority_rates(val_set.records)
         limited = trainer.limit_val_batches != 1.0
         scope = "a part of" if limited else "all"
-        lines = [f"Held-out accuracy after {trainer.global_step} steps ({scope} the {len(val_set)} held-out questions):",
-                 f"  {'category':<12}{'accuracy':>10}{'chance':>10}"]
+        lines = [
+            f"Held-out accuracy after {trainer.global_step} steps ({scope} the {len(val_set)} held-out questions):",
+            f"  {'category':<12}{'accuracy':>10}{'chance':>10}",
+        ]
         for category in sorted(self.accuracy):
             lines.append(f"  {category:<12}{self.accuracy[category]:>10.3f}{chance.get(category, float('nan')):>10.3f}")
         rank_zero_info("\n".join(lines))

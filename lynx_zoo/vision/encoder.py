@@ -75,7 +75,9 @@ class VisionEncoder(nn.Module):
         if config.num_blocks is not None:
             depth = len(self.model.blocks)
             if not 0 < config.num_blocks <= depth:
-                raise ValueError(f"vision.num_blocks: expected 1..{depth} for {config.model_name}, got {config.num_blocks}")
+                raise ValueError(
+                    f"vision.num_blocks: expected 1..{depth} for {config.model_name}, got {config.num_blocks}"
+                )
             self.model.blocks = self.model.blocks[: config.num_blocks]
         if not config.final_norm:
             self.model.norm = nn.Identity()
