@@ -11,7 +11,7 @@ Two layouts are read, per subtask folder ``ROOT/<subtask>/``:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,18 +109,22 @@ def _read_subtask(root: Path, subtask: str) -> list[tuple[Path, list[tuple[str, 
     return _read_per_image(folder)
 
 
-def _read_table(table: Path, folder: Path) -> list[tuple[Path, list[tuple[str, str, str]]]]:
-    by_image: dict[str, list[tuple[str, str, str]]] = {}
-    for number, line in enumerate(table.read_text(encoding="utf-8").splitlines(), start=1):
+def _tab_rows(path: Path, columns: str) -> Iterator[tuple[str, list[str]]]:
+    """``(file:line, fields)`` of each non-blank line, which must have the ``columns`` (comma-separated names)."""
+    expected = len(columns.split(", "))
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
-        where = f"{table}:{number}"
+        where = f"{path}:{number}"
         fields = line.split("\t")
-        if len(fields) != 3:
-            raise MMEFormatError(
-                f"{where}: expected 3 tab-separated fields (image, question, Yes|No), got {len(fields)}"
-            )
-        name, question, answer = fields
+        if len(fields) != expected:
+            raise MMEFormatError(f"{where}: expected {expected} tab-separated fields ({columns}), got {len(fields)}")
+        yield where, fields
+
+
+def _read_table(table: Path, folder: Path) -> list[tuple[Path, list[tuple[str, str, str]]]]:
+    by_image: dict[str, list[tuple[str, str, str]]] = {}
+    for where, (name, question, answer) in _tab_rows(table, "image, question, Yes|No"):
         by_image.setdefault(name.strip(), []).append((question.strip(), _answer(answer, where), where))
     if not by_image:
         raise MMEFormatError(f"{table}: no questions")
@@ -142,15 +146,10 @@ def _read_per_image(folder: Path) -> list[tuple[Path, list[tuple[str, str, str]]
         )
     images = []
     for path in files:
-        pair = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            fields = line.split("\t")
-            if len(fields) != 2:
-                raise MMEFormatError(f"{where}: expected 2 tab-separated fields (question, Yes|No), got {len(fields)}")
-            pair.append((fields[0].strip(), _answer(fields[1], where), where))
+        pair = [
+            (question.strip(), _answer(answer, where), where)
+            for where, (question, answer) in _tab_rows(path, "question, Yes|No")
+        ]
         if len(pair) != 2:
             raise MMEFormatError(f"{path}: {len(pair)} question(s); MME has exactly 2 per image")
         matches = [folder / sub / (path.stem + s) for sub in ("images", ".") for s in IMAGE_SUFFIXES]
