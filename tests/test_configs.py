@@ -65,6 +65,7 @@ def count(module) -> int:
 
 ADAPTER = 2 * 4096 * 2048 + 2048 + 4096 + 2 * 4096 + 1
 LLAMA_7B = 6_738_415_616 + 2 * 4096  # plus the [PAD] rows
+FRAME_POSITION = 5 * 1408
 
 
 def test_pt_vicuna_420_parameter_counts_on_meta(llama_tokenizer_dir):
@@ -85,9 +86,10 @@ def test_pt_vicuna_420_parameter_counts_on_meta(llama_tokenizer_dir):
     # bridge: 32 latents in the LLM width, 3 layers of 8 x 64 heads with K/V from the 1408-wide tokens
     per_layer = 2 * 1408 + 2 * 4096 + 4096 * 512 + 1408 * 1024 + 512 * 4096 + 2 * 4096 + 2 * 4096 * 16384
     assert bridge == 32 * 4096 + 3 * per_layer + 2 * 4096
-    # trainable: the bridge and the adapters only
+    # trainable: the bridge, the adapters and the video frame-position embedding (5 frames x 1408)
     trainable = sum(p.numel() for _, p in model.trainable_parameters())
-    assert trainable == bridge + adapters
+    assert model.frame_position.shape == (1, 5, 1, 1408)
+    assert trainable == bridge + adapters + FRAME_POSITION
 
 
 GRID = {
@@ -128,5 +130,5 @@ def test_grid_variant_builds_on_meta_with_its_parameter_counts(name, llama_token
     assert n_xattn == len(xattn) * (2 * 4096 + 4 * 4096 * 512 + 2 + 2 * 4096 + 2 * 4096 * 16384)
     assert count(model.llm) - n_adapters - n_xattn == LLAMA_7B
     trainable = sum(p.numel() for _, p in model.trainable_parameters())
-    expected = count(model.bridge) + n_adapters + n_xattn + (LLAMA_7B if llm_trainable else 0)
+    expected = count(model.bridge) + n_adapters + n_xattn + FRAME_POSITION + (LLAMA_7B if llm_trainable else 0)
     assert trainable == expected

@@ -44,7 +44,7 @@ def test_tokens_before_the_image_get_nothing_from_it(make_tiny):
     batch = model.processor(samples(1))
     ids, mask = batch["input_ids"], batch["attention_mask"]
     at = torch.tensor([[5]])  # the image appears before the 6th text token
-    image = batch["images"][:, None]
+    image = batch["images"]
     a = model(ids, mask, image, media_positions=at).logits
     b = model(ids, mask, image + 3.0, media_positions=at).logits
     torch.testing.assert_close(a[:, :5], b[:, :5], rtol=0, atol=0)
@@ -72,8 +72,8 @@ def test_each_token_reads_only_the_latest_media():
 @pytest.mark.parametrize(
     "llm_trainable, prefixes",
     [
-        (False, ("bridge.", "llm.model.layers.1.gated_xattn.", "llm.model.layers.3.gated_xattn.")),
-        (True, ("bridge.", "llm.")),
+        (False, ("bridge.", "llm.model.layers.1.gated_xattn.", "llm.model.layers.3.gated_xattn.", "frame_position")),
+        (True, ("bridge.", "llm.", "frame_position")),
     ],
 )
 def test_gradients_reach_only_the_configured_parts(make_tiny, llm_trainable, prefixes):

@@ -79,6 +79,9 @@ class LynxModel(L.LightningModule):
         self.llm_width: int = self.llm.config.hidden_size
         self.adapter_layers = insert_adapters(self.llm, self.adapter_config, self.llm_width)
         self.bridge = build_bridge(self.bridge_config, self.vision.width, self.llm_width)
+        # Lynx's video encoding: a learned embedding per frame, added to that frame's tokens
+        self.frame_position = nn.Parameter(torch.zeros(1, self.vision_config.num_frames, 1, self.vision.width))
+        nn.init.trunc_normal_(self.frame_position, std=0.02)
         self.processor = LynxProcessor(tokenizer, prompt or PromptConfig(), self.vision.image_transform())
         self.val_accuracy = nn.ModuleDict()
         self.init_from = init_from
@@ -138,9 +141,25 @@ class LynxModel(L.LightningModule):
 
     # ----------------------------------------------------------------- shared parts
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, 3, H, W)`` -> visual tokens ``(B, Q, llm_width)`` through the tower and the bridge."""
+        """Visual tokens ``(B, Q, llm_width)`` of images ``(B, 3, H, W)`` or videos ``(B, T, 3, H, W)``.
+
+        A video's frames go through the tower one by one; each frame's tokens get its frame-position
+        embedding and the ``T x N`` tokens go into the bridge together (Lynx), which returns ``Q``.
+        """
+        video = images.dim() == 5
+        if video and images.shape[1] != self.vision_config.num_frames:
+            raise ValueError(
+                f"videos of {images.shape[1]} frames for a model with vision.num_frames="
+                f"{self.vision_config.num_frames}: sample the clips with that many frames"
+            )
         with torch.set_grad_enabled(self.vision_config.trainable and torch.is_grad_enabled()):
-            tokens = self.vision(images)
+            tokens = self.vision(images.flatten(0, 1) if video else images)
+        if video:
+            tokens = (tokens.unflatten(0, images.shape[:2]) + self.frame_position).flatten(1, 2)
+        elif self.training and self.frame_position.requires_grad:
+            # image batches leave the frame embedding unused; a zero term keeps DDP's gradient
+            # reduction (which expects every trainable parameter) identical for image and video steps
+            tokens = tokens + 0.0 * self.frame_position.sum()
         return self.bridge(tokens).to(self.llm.dtype)
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:

@@ -136,11 +136,11 @@ class CrossAttnLynx(LynxModel):
         return [layers[i].gated_xattn for i in self.cross_attn_layers]
 
     def encode_media(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` or ``(B, M, 3, H, W)`` -> visual tokens ``(B, M, Q, width)``."""
-        if images.dim() == 4:
-            images = images[:, None]
-        b, m = images.shape[:2]
-        return self.encode_images(images.flatten(0, 1)).unflatten(0, (b, m))
+        """Images ``(B, 3, H, W)`` or videos ``(B, T, 3, H, W)`` -> one media per sample ``(B, 1, Q, width)``.
+
+        (The blocks also take several media per sample with their text positions: see :meth:`conditioned_on`.)
+        """
+        return self.encode_images(images)[:, None]
 
     @contextmanager
     def conditioned_on(self, media: torch.Tensor | None, media_positions: torch.Tensor | None) -> Iterator[None]:

@@ -29,6 +29,8 @@ class VisionConfig:
         final_norm: keep the tower's final norm (Lynx: no).
         keep_cls_token: return the CLS/prefix tokens with the patch tokens (Lynx: yes, 30x30+1 at 420 px).
         trainable: train the tower (Lynx: frozen).
+        num_frames: video frames per clip, each encoded separately and marked by a learned frame-position
+            embedding (Lynx: 5); 0 for an image-only model.
         model_kwargs: explicit architecture overrides passed to ``timm.create_model``
             (``embed_dim``, ``depth``, ``num_heads``, ``patch_size``, ``mlp_ratio``, ...).
     """
@@ -41,6 +43,7 @@ class VisionConfig:
     final_norm: bool = True
     keep_cls_token: bool = True
     trainable: bool = False
+    num_frames: int = 5
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 

@@ -1,0 +1,108 @@
+"""Video decoding with PyAV: any container FFmpeg reads (mp4, webm, mkv, mpg, ...), frames sampled by segment.
+
+Lynx samples a fixed number of frames per clip (5): the clip is cut into equal segments and one
+frame is taken from each, a random one for training and the segment's centre for evaluation (so
+evaluation is deterministic). Frame positions come from the packets' timestamps (no decoding), then
+only the chosen frames are decoded, seeking forward over long gaps.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import av
+from PIL import Image
+
+# seek instead of decoding through gaps longer than this many seconds
+SEEK_GAP_SECONDS = 2.0
+# a file whose packets cover less than this share of its declared duration was cut short
+MIN_COVERED_SHARE = 0.8
+
+
+class VideoError(OSError):
+    """A video that cannot be used: missing, not a video, truncated or undecodable (names the file)."""
+
+
+def segment_indices(num_available: int, num_frames: int, training: bool, rng: random.Random | None = None) -> list[int]:
+    """Indices of ``num_frames`` frames out of ``num_available``, one per equal segment, in order.
+
+    Training: a random frame within each segment; evaluation: each segment's centre. A clip shorter
+    than ``num_frames`` repeats frames (the order is kept).
+    """
+    if num_available < 1 or num_frames < 1:
+        raise ValueError(f"segment_indices: need frames to sample from, got {num_available} for {num_frames}")
+    rng = rng or random.Random()
+    indices = []
+    for segment in range(num_frames):
+        low, high = num_available * segment / num_frames, num_available * (segment + 1) / num_frames
+        if training:
+            first = int(low)
+            index = rng.randint(first, max(first, math.ceil(high) - 1))
+        else:
+            index = int((low + high) / 2)
+        indices.append(min(index, num_available - 1))
+    return indices
+
+
+def read_video_frames(
+    path: str | Path, num_frames: int, training: bool = False, rng: random.Random | None = None
+) -> list[Image.Image]:
+    """``num_frames`` RGB frames of the video at ``path``, sampled by segment (see :func:`segment_indices`).
+
+    Raises :class:`VideoError` naming the file when it cannot be opened, has no video stream, or
+    fewer frames decode than its packets promise (a truncated or corrupt file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise VideoError(f"video not found: {path}")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            timestamps = sorted({p.pts for p in container.demux(stream) if p.pts is not None and p.size > 0})
+            if not timestamps:
+                raise VideoError(f"{path}: no video frames")
+            _check_not_truncated(path, container, stream, timestamps)
+            wanted = [timestamps[i] for i in segment_indices(len(timestamps), num_frames, training, rng)]
+            gap = SEEK_GAP_SECONDS / float(stream.time_base) if stream.time_base else math.inf
+            frames = _decode_at(container, stream, wanted, gap)
+    except av.FFmpegError as err:
+        raise VideoError(f"{path}: cannot decode video: {err}") from err
+    if len(frames) < num_frames:
+        raise VideoError(f"{path}: decoded {len(frames)} of {num_frames} sampled frames (truncated or corrupt video)")
+    return frames
+
+
+def _check_not_truncated(
+    path: Path, container: av.container.InputContainer, stream: av.VideoStream, timestamps: list[int]
+) -> None:
+    """Containers that declare a duration (mkv, webm, mp4) and lost their end still demux their head."""
+    if not container.duration or not stream.time_base:
+        return
+    declared = container.duration / av.time_base
+    frame_time = 1 / float(stream.average_rate) if stream.average_rate else 0.0
+    start = stream.start_time if stream.start_time is not None else timestamps[0]
+    covered = float((timestamps[-1] - start) * stream.time_base) + frame_time
+    if covered < MIN_COVERED_SHARE * declared:
+        raise VideoError(f"{path}: truncated: its frames cover {covered:.2f} s of the declared {declared:.2f} s")
+
+
+def _decode_at(container: av.container.InputContainer, stream: av.VideoStream, wanted: list[int], gap: float) -> list:
+    """Decode the frames at (or first after) each timestamp of ascending ``wanted``."""
+    frames: list[Image.Image] = []
+    while len(frames) < len(wanted):
+        container.seek(wanted[len(frames)], stream=stream, backward=True, any_frame=False)
+        for frame in container.decode(stream):
+            if frame.pts is None:
+                continue
+            while len(frames) < len(wanted) and frame.pts >= wanted[len(frames)]:
+                frames.append(frame.to_image())
+            if len(frames) == len(wanted) or wanted[len(frames)] - frame.pts > gap:
+                break
+        else:
+            break  # the stream ended before every wanted frame was seen
+    return frames
