@@ -1,0 +1,39 @@
+"""``ExportVariant``: export and register the trained model locally when ``fit`` ends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+from lynx_zoo.hub.export import export_variant
+from lynx_zoo.hub.variants import register_local, variants_home
+
+
+def run_variant_name(default_root_dir: str) -> str:
+    """``runs/demo`` -> ``lynx-demo``, ``runs/demo_ca`` -> ``lynx-demo-ca`` (the ids of the variants table)."""
+    return "lynx-" + Path(default_root_dir).name.replace("_", "-")
+
+
+class ExportVariant(L.Callback):
+    """When ``fit`` finishes, export the model as a variant folder and register it under ``name``, so that
+    ``lynx_zoo.load_pretrained(name)`` loads it.
+
+    Args:
+        name: the variant name (default: ``lynx-`` + the run folder's name with ``-`` for ``_``, e.g.
+            ``runs/demo`` -> ``lynx-demo``; config overlays that change the run folder get their own name).
+        out: the folder to write (default: ``$LYNX_ZOO_VARIANTS/<name>``, see ``lynx_zoo.hub.variants``).
+    """
+
+    def __init__(self, name: str | None = None, out: str | None = None) -> None:
+        self.name = name
+        self.out = out
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.interrupted:
+            return
+        name = self.name or run_variant_name(trainer.default_root_dir)
+        folder = export_variant(pl_module, Path(self.out) if self.out else variants_home() / name, name=name)
+        register_local(name, folder)
+        rank_zero_info(f"Exported variant {name!r} to {folder}: lynx_zoo.load_pretrained({name!r})")

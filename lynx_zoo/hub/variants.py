@@ -1,0 +1,283 @@
+"""The released variants (the ``lynx_zoo.variants`` table), a local registry of exported ones, and
+:func:`load_pretrained`.
+
+Where a variant's weights live: a local folder (``$LYNX_ZOO_VARIANTS/<id>``, default
+``~/.cache/lynx_zoo/variants/<id>``, or wherever a local registration points), else an HF hub repository
+when the entry names one (only its safetensors, JSON and tokenizer files are fetched).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lynx_zoo.fusion.base import LynxModel
+from lynx_zoo.hub.export import CONFIG_FILE
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+REGISTRY_FILE = "registry.json"
+# what is fetched from a hub repository: never pickles
+HUB_PATTERNS = ["config.json", "model.safetensors", "README.md", "tokenizer/*"]
+
+LYNX_OBTAIN = (
+    "convert the original release: python -m lynx_zoo convert-lynx --ckpt finetune_lynx.pt "
+    "(from github.com/bytedance/lynx-llm) --out {folder}"
+)
+TRAIN_OBTAIN = (
+    "train it, then export: python -m lynx_zoo fit {args} && python -m lynx_zoo export --ckpt RUN.ckpt --out {folder}"
+)
+PT = "lynx-pt-vicuna-420-"
+FIT_OBTAIN = "python -m lynx_zoo fit {args} (its ExportVariant callback exports and registers it when fit ends)"
+
+
+@dataclass(frozen=True)
+class VariantInfo:
+    """One released variant.
+
+    Args:
+        id: the name ``load_pretrained`` takes.
+        configs: its config files, relative to the repository, base first (overlays after).
+        description: one line.
+        hf_repo: the HF hub repository holding its weights, if published.
+        results: recorded lynx_zoo evaluation results (``docs/study/results/*.json``) of this variant.
+        paper: numbers the Lynx paper reports for this configuration (not measured by lynx_zoo).
+        obtain: how to get the weights when they are not present (``{folder}``, ``{args}`` filled in).
+    """
+
+    id: str
+    configs: tuple[str, ...]
+    description: str
+    hf_repo: str | None = None
+    results: tuple[str, ...] = ()
+    paper: dict[str, float] = field(default_factory=dict)
+    obtain: str = TRAIN_OBTAIN
+
+    @property
+    def card(self) -> Path:
+        return REPO_ROOT / "model_cards" / f"{self.id}.md"
+
+    @property
+    def config_paths(self) -> list[Path]:
+        return [REPO_ROOT / c for c in self.configs]
+
+    @property
+    def folder(self) -> Path:
+        """Where its weights are looked for locally (a registration elsewhere wins)."""
+        return local_registry().get(self.id) or variants_home() / self.id
+
+    def how_to_obtain(self) -> str:
+        args = " ".join(f"--config {c}" for c in self.configs)
+        return self.obtain.format(folder=variants_home() / self.id, args=args)
+
+
+def _grid(stem: str, description: str, paper: dict[str, float] | None = None, prefix: str = "lynx-") -> VariantInfo:
+    """A row of the ablation grid: ``configs/grid/<stem>.yaml`` over the real Lynx."""
+    return VariantInfo(
+        prefix + stem.replace("_", "-"),
+        ("configs/pt_vicuna_420.yaml", f"configs/grid/{stem}.yaml"),
+        description,
+        paper=paper or {},
+    )
+
+
+def _demo(stem: str, description: str, result: str) -> VariantInfo:
+    return VariantInfo(
+        f"lynx-demo-{stem.replace('_', '-')}",
+        ("configs/demo.yaml", f"configs/demo_grid/{stem}.yaml"),
+        description,
+        results=(f"docs/study/results/{result}__shapes.json",),
+        obtain=FIT_OBTAIN,
+    )
+
+
+VARIANTS: dict[str, VariantInfo] = {
+    v.id: v
+    for v in [
+        VariantInfo(
+            "lynx-pt-vicuna-420",
+            ("configs/pt_vicuna_420.yaml",),
+            "Lynx: PT on frozen Vicuna-7B v1.1 with adapters every 2nd layer, EVA ViT-g/14 at 420 px",
+            paper={
+                "open_vqa_image": 76.16,
+                "open_vqa_video": 66.22,
+                "mme_perception": 1373.23,
+                "mme_cognition": 215.71,
+            },
+            obtain=LYNX_OBTAIN,
+        ),
+        _grid(
+            "adapters_every_2nd", "Lynx with adapters on every 2nd decoder layer (the released placement)", prefix=PT
+        ),
+        _grid(
+            "adapters_every_layer", "Lynx with an adapter on every decoder layer (the paper's text, M = 1)", prefix=PT
+        ),
+        _grid("adapters_none", "Lynx without adapters: only the resampler trains", prefix=PT),
+        _grid(
+            "ca_vicuna_420",
+            "Lynx w/ cross-attn: gated cross-attention before every 4th layer of frozen Vicuna-7B",
+            {"open_vqa_image": 31.79, "open_vqa_video": 51.35},
+        ),
+        _grid(
+            "ca_vicuna_420_trainable_llm",
+            "Lynx w/ cross-attn, trainable LLM: the CA model with Vicuna-7B trained too",
+            {"open_vqa_image": 61.26, "open_vqa_video": 52.70},
+        ),
+        _grid(
+            "pt_llama_420",
+            "Lynx w/ LLaMA: the LLaMA-7B backbone instead of Vicuna",
+            {"open_vqa_image": 70.86, "open_vqa_video": 60.81},
+        ),
+        _grid(
+            "pt_vicuna_224", "Lynx w/o high resolution: 224 px only", {"open_vqa_image": 73.51, "open_vqa_video": 62.16}
+        ),
+        VariantInfo(
+            "lynx-pt-smollm2",
+            ("configs/pt_smollm2.yaml",),
+            "The Lynx recipe on frozen SmolLM2-135M-Instruct (offline GGUF), resampler and adapters every 2nd layer",
+        ),
+        VariantInfo(
+            "lynx-demo",
+            ("configs/demo.yaml",),
+            "The embedded default: a small PT model trained from scratch on rendered shapes in ~10 CPU minutes",
+            results=("docs/study/results/pt_adapters_every_2nd__shapes.json",),
+            obtain=FIT_OBTAIN,
+        ),
+        _demo("adapters_every_layer", "The demo with an adapter on every decoder layer", "pt_adapters_every_layer"),
+        _demo("adapters_none", "The demo without adapters", "pt_no_adapters"),
+        _demo("ca", "The demo with cross-attention fusion (CA, trainable LLM)", "ca"),
+        VariantInfo(
+            "lynx-tiny",
+            ("configs/tiny.yaml",),
+            "A tiny random-weights PT model that the tests fit; for tests only",
+            obtain=FIT_OBTAIN,
+        ),
+    ]
+}
+
+
+def variants_home() -> Path:
+    """The local variants folder: ``$LYNX_ZOO_VARIANTS``, else ``$LYNX_ZOO_CACHE/variants`` (``~/.cache/lynx_zoo``)."""
+    explicit = os.environ.get("LYNX_ZOO_VARIANTS")
+    if explicit:
+        return Path(explicit).expanduser()
+    return Path(os.environ.get("LYNX_ZOO_CACHE", Path.home() / ".cache" / "lynx_zoo")).expanduser() / "variants"
+
+
+def local_registry() -> dict[str, Path]:
+    """Locally registered variants: name -> folder (``variants_home()/registry.json``)."""
+    path = variants_home() / REGISTRY_FILE
+    if not path.is_file():
+        return {}
+    return {name: Path(folder) for name, folder in json.loads(path.read_text(encoding="utf-8")).items()}
+
+
+def register_local(name: str, folder: str | Path) -> None:
+    """Register an exported variant folder under ``name`` (written atomically)."""
+    home = variants_home()
+    home.mkdir(parents=True, exist_ok=True)
+    entries = {k: str(v) for k, v in local_registry().items()}
+    entries[name] = str(Path(folder).resolve())
+    tmp = home / f".{REGISTRY_FILE}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, home / REGISTRY_FILE)
+
+
+@dataclass(frozen=True)
+class VariantStatus:
+    """A row of :func:`list_variants`: the variant, where its weights are looked for, whether they are there."""
+
+    id: str
+    description: str
+    location: str
+    available: bool
+    info: VariantInfo | None
+
+
+def list_variants() -> list[VariantStatus]:
+    """Every released variant and every locally registered one, with where its weights are and whether present."""
+    rows = []
+    registry = local_registry()
+    for info in VARIANTS.values():
+        folder = info.folder
+        present = (folder / CONFIG_FILE).is_file()
+        location = str(folder) if present or not info.hf_repo else f"hf://{info.hf_repo}"
+        rows.append(VariantStatus(info.id, info.description, location, present, info))
+    for name, folder in sorted(registry.items()):
+        if name not in VARIANTS:
+            rows.append(VariantStatus(name, "registered locally", str(folder), (folder / CONFIG_FILE).is_file(), None))
+    return rows
+
+
+def _from_hub(repo: str, revision: str | None = None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_PATTERNS))
+
+
+def resolve_variant(name_or_dir: str | Path) -> Path:
+    """The local folder of a variant: a folder path, a registered or released name, or ``hf://org/repo[@rev]``."""
+    text = str(name_or_dir)
+    if text.startswith("hf://"):
+        repo, _, revision = text.removeprefix("hf://").partition("@")
+        return _from_hub(repo, revision or None)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    registry = local_registry()
+    if text in registry:
+        if not (registry[text] / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"variant {text!r} is registered at {registry[text]}, but that folder is gone")
+        return registry[text]
+    if text in VARIANTS:
+        info = VARIANTS[text]
+        if (info.folder / CONFIG_FILE).is_file():
+            return info.folder
+        if info.hf_repo:
+            return _from_hub(info.hf_repo)
+        raise FileNotFoundError(
+            f"variant {text!r}: its weights are not present at {info.folder} and are published nowhere; "
+            f"to get them: {info.how_to_obtain()}"
+        )
+    known = sorted({*VARIANTS, *registry})
+    close = difflib.get_close_matches(text, known, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise FileNotFoundError(
+        f"{text!r} is no variant folder and no known variant: {hint}known: {', '.join(known)} "
+        "(or hf://org/repo for a variant on the HF hub)"
+    )
+
+
+def load_pretrained(
+    name_or_dir: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    expected: type[LynxModel] | None = None,
+    trust_remote_code: bool = False,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> LynxModel:
+    """A pretrained variant, ready for :meth:`LynxModel.generate` (eval mode).
+
+    Rebuilds the model from the variant's ``config.json`` (bases loaded by id/path and pinned revision),
+    verifies the sha256 of ``model.safetensors`` recorded at export, then loads it. Pickle files are never
+    read, so loading a variant runs no code from it.
+
+    Args:
+        name_or_dir: a variant folder, a name from ``lynx_zoo.list_variants()``, or ``hf://org/repo[@revision]``.
+        device: where the model goes.
+        dtype: the LLM's weight dtype (e.g. ``torch.bfloat16``); default: as exported. The vision tower,
+            bridge, adapters and fusion blocks keep fp32.
+        expected: the model class the caller needs (e.g. ``PrefixLynx``): another fusion is an error.
+        trust_remote_code: allow a hub base LLM to run its own code (off unless you turn it on).
+        overrides: per-section config changes, e.g. ``{"llm": {"model": "/models/vicuna-7b"}}`` for a local
+            copy of a base.
+    """
+    from lynx_zoo.hub.loading import load_variant_folder
+
+    folder = resolve_variant(name_or_dir)
+    return load_variant_folder(folder, device, dtype, expected, trust_remote_code, overrides)

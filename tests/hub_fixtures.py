@@ -1,0 +1,55 @@
+"""Helpers of the hub tests: tiny models whose vision tower and LLM load from local "pretrained" bases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from conftest import tiny_configs
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from lynx_zoo import LLMConfig, PrefixLynx, VisionConfig
+from lynx_zoo.fusion.base import LynxModel
+from lynx_zoo.llm import load_tokenizer
+from lynx_zoo.vision import VisionEncoder
+
+
+def write_bases(root: Path) -> dict:
+    """A tiny timm tower (safetensors file) and a tiny LLaMA folder, as base weights on disk.
+
+    The LLM's vocabulary is one row short of the tokenizer, so building from it adds a row at the mean of
+    the others (as the zoo adds Lynx's [PAD] to Vicuna).
+    """
+    configs = tiny_configs()
+    torch.manual_seed(123)
+    tower = VisionEncoder(configs["vision"])
+    vision_file = root / "vision.safetensors"
+    save_file({k: v.contiguous() for k, v in tower.model.state_dict().items()}, str(vision_file))
+    tokenizer = load_tokenizer(configs["llm"])
+    hf_config = AutoConfig.for_model(**configs["llm"].config, vocab_size=len(tokenizer) - 1)
+    hf_config.bos_token_id, hf_config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    base = AutoModelForCausalLM.from_config(hf_config)
+    llm_dir = root / "base_llm"
+    base.save_pretrained(llm_dir)
+    vision = VisionConfig(**{**configs["vision"].__dict__, "checkpoint_path": str(vision_file)})
+    llm = LLMConfig(model=str(llm_dir), tokenizer=configs["llm"].tokenizer, pretrained=True)
+    return dict(vision=vision, llm=llm)
+
+
+def make_model(bases: dict | None = None, cls: type[LynxModel] = PrefixLynx, seed: int = 0, **overrides) -> LynxModel:
+    """A tiny model (on local pretrained bases if given) whose trainable weights moved off their init."""
+    torch.manual_seed(seed)
+    model = cls(**tiny_configs(**(bases or {}), **overrides))
+    with torch.no_grad():
+        for _, p in model.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def fixed_inputs(batch: int = 2, seed: int = 7) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 30, (batch, 6), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding in the first row
+    return dict(input_ids=ids, attention_mask=mask, images=torch.randn(batch, 3, 32, 32, generator=generator))
