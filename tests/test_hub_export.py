@@ -31,7 +31,9 @@ def bases(tmp_path_factory) -> dict:
 def outputs(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[str]]:
     with torch.no_grad():
         logits = model(**inputs).logits
-    return logits, model.generate(images=inputs["images"], prompts=PROMPTS, max_new_tokens=5, num_beams=1)
+    return logits, model.generate(
+        images=inputs["images"], prompts=PROMPTS, max_new_tokens=5, min_new_tokens=5, num_beams=1
+    )
 
 
 def test_export_then_load_in_a_fresh_process_gives_identical_logits_and_generations(tmp_path, bases):

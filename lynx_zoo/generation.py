@@ -1,0 +1,107 @@
+"""What :meth:`LynxModel.generate` takes: images and videos in any common form, and generation presets."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from PIL import Image
+
+# ``generate(..., preset=NAME)``: transformers generation settings (explicit keyword arguments win).
+GENERATION_PRESETS: dict[str, dict[str, Any]] = {
+    # the released Lynx evaluation (configs/LYNX.yaml of bytedance/lynx-llm): 5 beams, 64 new tokens, at least
+    # 2 (its min_length counts new tokens only, the prompt being embeddings), length penalty -2, no repeated
+    # bigram. The release also sets use_nucleus_sampling: True (beam sampling): that is "lynx-sampled".
+    "lynx": dict(
+        num_beams=5, max_new_tokens=64, min_new_tokens=2, length_penalty=-2.0, no_repeat_ngram_size=2, do_sample=False
+    ),
+    "lynx-sampled": dict(
+        num_beams=5,
+        max_new_tokens=64,
+        min_new_tokens=2,
+        length_penalty=-2.0,
+        no_repeat_ngram_size=2,
+        do_sample=True,
+        top_p=0.9,
+        top_k=3,
+    ),
+    "greedy": dict(num_beams=1, do_sample=False),
+}
+
+ImageLike = Union[Image.Image, str, Path, torch.Tensor]
+VideoLike = Union[str, Path, Sequence[ImageLike], torch.Tensor]
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+def generation_settings(preset: str | None, defaults: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``defaults`` (the model's ``eval_generation``), then the preset's settings, then ``overrides``."""
+    if preset is not None and preset not in GENERATION_PRESETS:
+        raise ValueError(f"generate: unknown preset {preset!r}; choose one of {sorted(GENERATION_PRESETS)}")
+    return {**defaults, **(GENERATION_PRESETS[preset] if preset else {}), **overrides}
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """An RGB image from a file; an unreadable file is an ``OSError`` naming it."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as err:
+        raise OSError(f"cannot read image {path}: {err}") from err
+
+
+def _image_tensor(item: ImageLike, transform: Transform) -> torch.Tensor:
+    if isinstance(item, torch.Tensor):
+        if item.dim() != 3:
+            raise ValueError(f"generate: an image tensor must be (3, H, W) and transformed, got {tuple(item.shape)}")
+        return item
+    if isinstance(item, (str, Path)):
+        return transform(open_image(item))
+    if isinstance(item, Image.Image):
+        return transform(item.convert("RGB"))
+    raise TypeError(
+        f"generate: an image must be a PIL image, a file path or a (3, H, W) tensor, got {type(item).__name__}"
+    )
+
+
+def image_batch(images: Sequence[ImageLike] | torch.Tensor, transform: Transform) -> torch.Tensor:
+    """``(B, 3, H, W)`` from PIL images, file paths, transformed ``(3, H, W)`` tensors, or a batch tensor."""
+    if isinstance(images, torch.Tensor):
+        if images.dim() not in (4, 5):
+            raise ValueError(f"generate: images must be (B, 3, H, W) (or videos (B, T, 3, H, W)), got {images.shape}")
+        return images
+    if isinstance(images, (str, Path, Image.Image)):
+        raise TypeError("generate: `images` is a batch: pass a list, e.g. images=[image]")
+    return torch.stack([_image_tensor(item, transform) for item in images])
+
+
+def video_batch(videos: Sequence[VideoLike] | torch.Tensor, transform: Transform, num_frames: int) -> torch.Tensor:
+    """``(B, T, 3, H, W)`` from video files (``T = num_frames`` sampled at segment centres), frame lists
+    (PIL images, paths or tensors), transformed ``(T, 3, H, W)`` tensors, or a batch tensor."""
+    if num_frames < 1:
+        raise ValueError("generate: this model takes no videos (vision.num_frames is 0)")
+    if isinstance(videos, torch.Tensor):
+        if videos.dim() != 5:
+            raise ValueError(f"generate: videos must be (B, T, 3, H, W), got {tuple(videos.shape)}")
+        return videos
+    if isinstance(videos, (str, Path)):
+        raise TypeError("generate: `videos` is a batch: pass a list, e.g. videos=['clip.mp4']")
+    clips = []
+    for video in videos:
+        if isinstance(video, (str, Path)):
+            from lynx_zoo.data.video import read_video_frames
+
+            frames: Sequence[ImageLike] | torch.Tensor = read_video_frames(video, num_frames)
+        else:
+            frames = video
+        if isinstance(frames, torch.Tensor):
+            clip = frames
+        else:
+            clip = torch.stack([_image_tensor(frame, transform) for frame in frames])
+        if clip.dim() != 4 or clip.shape[0] != num_frames:
+            raise ValueError(
+                f"generate: a video must have {num_frames} frames (vision.num_frames), got shape {tuple(clip.shape)}"
+            )
+        clips.append(clip)
+    return torch.stack(clips)
