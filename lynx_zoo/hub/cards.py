@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerFast
 
 from lynx_zoo.fusion.base import LynxModel
 from lynx_zoo.hub.config import decode_init_args, fusion_name
-from lynx_zoo.hub.export import variant_keys
+from lynx_zoo.hub.export import base_prefixes, variant_keys
 from lynx_zoo.hub.variants import REPO_ROOT, VARIANTS, VariantInfo
 from lynx_zoo.llm.causal_lm import KNOWN_ARCHITECTURES
 from lynx_zoo.llm.layers import decoder_layers
@@ -91,8 +91,9 @@ def _stand_in_tokenizer(vocab_size: int) -> Iterator[str]:
         yield folder
 
 
-def count_parameters(model: LynxModel) -> dict[str, int]:
-    """Parameters per part, trainable, and stored in an exported variant (works on the meta device)."""
+def count_parameters(model: LynxModel, bases: tuple[str, ...] | None = None) -> dict[str, int]:
+    """Parameters per part, trainable, and stored in an exported variant (works on the meta device; ``bases``:
+    see :func:`variant_keys`)."""
 
     def n(module: torch.nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
@@ -112,13 +113,14 @@ def count_parameters(model: LynxModel) -> dict[str, int]:
         "cross_attn": cross_attn,
         "other": total - vision - bridge - llm,
         "trainable": sum(p.numel() for _, p in model.trainable_parameters()),
-        "stored": sum(state[k].numel() for k in variant_keys(model)),
+        "stored": sum(state[k].numel() for k in variant_keys(model, bases=bases)),
     }
 
 
-def model_facts(model: LynxModel) -> dict[str, Any]:
+def model_facts(model: LynxModel, init_args: dict[str, Any]) -> dict[str, Any]:
+    """The card facts that come from the built model (``init_args``: the config it stands for)."""
     return dict(
-        counts=count_parameters(model),
+        counts=count_parameters(model, base_prefixes(init_args["vision"], init_args["llm"])),
         tokens_per_image=int(model.vision.num_tokens),
         adapter_layers=list(model.adapter_layers),
         cross_attn_layers=list(getattr(model, "cross_attn_layers", [])),
@@ -172,7 +174,7 @@ def variant_facts(info: VariantInfo) -> CardFacts:
         results=results,
         paper=info.paper,
         hf_repo=info.hf_repo,
-        **model_facts(model),
+        **model_facts(model, init_args),
     )
 
 
@@ -188,7 +190,7 @@ def exported_card(config: dict[str, Any], model: LynxModel) -> str:
         init_args=config["init_args"],
         configs=info.configs if info else (),
         paper=info.paper if info else {},
-        **model_facts(model),
+        **model_facts(model, config["init_args"]),
     )
     return render_card(facts)
 

@@ -9,11 +9,13 @@ identically at load time, so it needs no storing either.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -40,12 +42,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def base_prefixes(model: LynxModel) -> tuple[str, ...]:
-    """State-dict prefixes of the parts loaded from pretrained bases (their frozen weights are not stored)."""
+def base_prefixes(vision: dict[str, Any], llm: dict[str, Any]) -> tuple[str, ...]:
+    """State-dict prefixes of the parts loaded from pretrained bases (their frozen weights are not stored),
+    from the ``vision`` and ``llm`` config sections (as dicts)."""
     prefixes = []
-    if model.vision_config.pretrained or model.vision_config.checkpoint_path:
+    if vision.get("pretrained") or vision.get("checkpoint_path"):
         prefixes.append("vision.")
-    if model.llm_config.pretrained:
+    if llm.get("pretrained", True):
         prefixes.append("llm.")
     return tuple(prefixes)
 
@@ -66,12 +69,15 @@ def embedding_keys(model: LynxModel) -> set[str]:
     }
 
 
-def variant_keys(model: LynxModel, changed_tokenizer: bool = False) -> list[str]:
+def variant_keys(model: LynxModel, changed_tokenizer: bool = False, bases: tuple[str, ...] | None = None) -> list[str]:
     """The state-dict keys a variant stores (see the module docstring); with a changed tokenizer, also the
-    embedding matrices (their added rows are not reproducible from the base)."""
+    embedding matrices (their added rows are not reproducible from the base). ``bases``: the prefixes of
+    pretrained bases (default: from the model's own configs; a model built on the meta device with random
+    weights passes those of the config it stands for)."""
+    if bases is None:
+        bases = base_prefixes(dataclasses.asdict(model.vision_config), dataclasses.asdict(model.llm_config))
     trainable = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
     extra = embedding_keys(model) if changed_tokenizer else set()
-    bases = base_prefixes(model)
     return [k for k in model.state_dict() if k in trainable or k in extra or not k.startswith(bases)]
 
 
@@ -124,28 +130,52 @@ def export_variant(model: LynxModel, out: str | Path, name: str | None = None, s
         name: the variant's name (default: the folder name).
         source: where the weights came from (a checkpoint path), recorded in ``config.json``.
     """
+    init_args = model_init_args(model)
+    llm_config = model.llm_config
+    if llm_config.pretrained and not llm_config.gguf_file and not llm_config.revision:
+        # pin the hub commit the base was loaded at (None for local folders)
+        init_args["llm"]["revision"] = getattr(model.llm.config, "_commit_hash", None)
+    changed = tokenizer_changed(model)
+    state = model.state_dict()
+    # clone: tied weights share storage, which safetensors refuses; contiguous: what it writes
+    tensors = {k: state[k].detach().to("cpu").clone().contiguous() for k in variant_keys(model, changed)}
+    return write_variant(
+        out,
+        model,
+        init_args,
+        tensors,
+        name=name,
+        bases=describe_bases(model, init_args),
+        source=source,
+        save_tokenizer=model.tokenizer.save_pretrained if changed else None,
+    )
+
+
+def write_variant(
+    out: str | Path,
+    model: LynxModel,
+    init_args: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    name: str | None = None,
+    bases: dict[str, Any] | None = None,
+    source: str | None = None,
+    save_tokenizer: Callable[[Path], Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a variant folder: ``tensors`` as model.safetensors, ``config.json`` with ``init_args`` and the
+    sha256 of every file, the model card. ``model`` (which may live on the meta device) gives the class and
+    the card's facts; ``save_tokenizer(folder)`` writes a changed tokenizer; ``extra`` goes into config.json."""
     from lynx_zoo.hub.cards import exported_card
 
     out = Path(out)
     name = name or out.name
     tmp = _prepare_out(out)
     try:
-        init_args = model_init_args(model)
-        llm_config = model.llm_config
-        if llm_config.pretrained and not llm_config.gguf_file and not llm_config.revision:
-            # pin the hub commit the base was loaded at (None for local folders)
-            commit = getattr(model.llm.config, "_commit_hash", None)
-            init_args["llm"]["revision"] = commit
         files: dict[str, str] = {}
-        changed = tokenizer_changed(model)
-        if changed:
-            model.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+        if save_tokenizer is not None:
+            save_tokenizer(tmp / TOKENIZER_DIR)
             for path in sorted((tmp / TOKENIZER_DIR).iterdir()):
                 files[f"{TOKENIZER_DIR}/{path.name}"] = sha256_file(path)
-        keys = variant_keys(model, changed)
-        state = model.state_dict()
-        # clone: tied weights share storage, which safetensors refuses; contiguous: what it writes
-        tensors = {k: state[k].detach().to("cpu").clone().contiguous() for k in keys}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "lynx_zoo": FORMAT})
         files[WEIGHTS_FILE] = sha256_file(tmp / WEIGHTS_FILE)
         config = {
@@ -154,17 +184,18 @@ def export_variant(model: LynxModel, out: str | Path, name: str | None = None, s
             "name": name,
             "model_class": class_path(type(model)),
             "init_args": init_args,
-            "bases": describe_bases(model, init_args),
-            "tokenizer": TOKENIZER_DIR if changed else None,
+            "bases": bases,
+            "tokenizer": TOKENIZER_DIR if save_tokenizer is not None else None,
             "weights": {
                 "file": WEIGHTS_FILE,
-                "keys": sorted(keys),
+                "keys": sorted(tensors),
                 "num_tensors": len(tensors),
                 "num_parameters": sum(t.numel() for t in tensors.values()),
                 "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
             },
             "files": files,
             "source": source,
+            **(extra or {}),
             "lynx_zoo_version": _package_version(),
             "torch_version": torch.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -1,0 +1,116 @@
+"""convert-lynx: a tiny checkpoint in the original bytedance/lynx-llm key layout becomes a loadable variant."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from hub_fixtures import fixed_inputs, make_model, write_bases
+
+from lynx_zoo.cli import main
+from lynx_zoo.hub import load_pretrained
+from lynx_zoo.hub.convert_lynx import convert_lynx
+
+REPO = Path(__file__).resolve().parents[1]
+ADAPTER_NAMES = {"norm": "adapter_norm_before", "down": "adapter_down", "up": "adapter_up"}
+
+
+def to_original_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A lynx_zoo PT state dict renamed as the original release names it (models/lynx.py, resampler.py,
+    modeling_llama.py of bytedance/lynx-llm)."""
+    original = {}
+    for key, value in state.items():
+        if key == "frame_position":
+            original["absolute_frame_pos_embed"] = value
+        elif match := re.fullmatch(r"bridge\.layers\.(\d+)\.ff\.(.+)", key):
+            original[f"bridge.layers.{match[1]}.1.{match[2]}"] = value
+        elif match := re.fullmatch(r"bridge\.layers\.(\d+)\.(.+)", key):
+            original[f"bridge.layers.{match[1]}.0.{match[2]}"] = value
+        elif key.startswith("bridge."):
+            original[key] = value
+        elif match := re.fullmatch(r"llm\.model\.layers\.(\d+)\.adapter\.scale", key):
+            original[f"LLM.model.layers.{match[1]}.output_adapter.scaling"] = value.reshape(1)
+        elif match := re.fullmatch(r"llm\.model\.layers\.(\d+)\.adapter\.(\w+)\.(\w+)", key):
+            original[f"LLM.model.layers.{match[1]}.output_adapter.{ADAPTER_NAMES[match[2]]}.{match[3]}"] = value
+        elif key.startswith("vision.model."):
+            original["vision_encoder." + key.removeprefix("vision.model.")] = value
+        elif key.startswith("llm."):
+            original["LLM." + key.removeprefix("llm.")] = value
+        else:
+            raise AssertionError(f"unmapped test key {key}")
+    return original
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("convert")
+    bases = write_bases(root)
+    model = make_model(bases)
+    checkpoint = root / "finetune_lynx.pt"
+    torch.save({"model": to_original_layout(model.state_dict())}, checkpoint)
+    overlay = root / "bases.yaml"
+    overlay.write_text(
+        "model:\n  init_args:\n"
+        f"    vision: {{checkpoint_path: {bases['vision'].checkpoint_path}}}\n"
+        f"    llm: {{model: {bases['llm'].model}, pretrained: true}}\n"
+    )
+    return dict(root=root, model=model, checkpoint=checkpoint, configs=[REPO / "configs/tiny.yaml", overlay])
+
+
+def test_an_original_checkpoint_converts_to_a_variant_with_identical_outputs(setup, tmp_path):
+    out = tmp_path / "lynx-converted"
+    main(["convert-lynx", "--ckpt", str(setup["checkpoint"]), "--out", str(out)] + [
+        arg for c in setup["configs"] for arg in ("--config", str(c))
+    ])  # fmt: skip
+    loaded = load_pretrained(out)
+    inputs = fixed_inputs()
+    videos = torch.randn(2, 5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, setup["model"](**inputs).logits)
+        # the frame-position embedding came over: videos give the same visual tokens
+        assert torch.equal(loaded.encode_images(videos), setup["model"].encode_images(videos))
+    config = json.loads((out / "config.json").read_text())
+    base_keys = sum(
+        1 for k in setup["model"].state_dict() if k.startswith(("vision.", "llm.")) and ".adapter." not in k
+    )
+    assert config["conversion"]["base_keys_not_copied"] == base_keys
+    assert (out / "README.md").read_text().startswith("---\nlicense:")
+
+
+def test_a_config_that_does_not_fit_names_the_keys(setup, tmp_path):
+    overlay = tmp_path / "bigger.yaml"
+    overlay.write_text("model:\n  init_args:\n    bridge: {num_queries: 8, depth: 2}\n")
+    with pytest.raises(ValueError) as err:
+        convert_lynx(setup["checkpoint"], tmp_path / "out", configs=[*setup["configs"], overlay])
+    message = str(err.value)
+    assert "bridge.latents -> bridge.latents: checkpoint (4, 32), config (8, 32)" in message
+    assert "lacks" in message and "bridge.layers.1." in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_key_is_an_error_not_dropped(setup, tmp_path):
+    state = torch.load(setup["checkpoint"], weights_only=True)
+    state["model"]["bridge.extra_norm.weight"] = torch.ones(32)
+    torch.save(state, tmp_path / "odd.pt")
+    with pytest.raises(ValueError, match=r"no lynx_zoo counterpart \(1\): \['bridge.extra_norm.weight'\]"):
+        convert_lynx(tmp_path / "odd.pt", tmp_path / "out", configs=setup["configs"])
+
+
+class _Exploit:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pickle code ran"))
+
+
+def test_the_checkpoint_is_read_weights_only(tmp_path, setup):
+    marker = tmp_path / "marker"
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"model": _Exploit(marker)}))
+    with pytest.raises(pickle.UnpicklingError):
+        convert_lynx(tmp_path / "evil.pt", tmp_path / "out", configs=setup["configs"])
+    assert not marker.exists()
