@@ -24,7 +24,8 @@ from lynx_zoo.fusion.base import LynxModel
 from lynx_zoo.hub.config import decode_init_args, fusion_name
 from lynx_zoo.hub.export import base_prefixes, variant_keys
 from lynx_zoo.hub.variants import REPO_ROOT, VARIANTS, VariantInfo
-from lynx_zoo.llm.causal_lm import KNOWN_ARCHITECTURES
+from lynx_zoo.llm import LLMConfig
+from lynx_zoo.llm.causal_lm import KNOWN_ARCHITECTURES, _gguf_cache
 from lynx_zoo.llm.layers import decoder_layers
 
 # licence of the base LLM's weights (front matter `license`, and a note); bases not listed: the zoo's Apache-2.0
@@ -137,6 +138,10 @@ def build_on_meta(model_class: type[LynxModel], init_args: dict[str, Any]) -> Ly
     args["vision"]["pretrained"] = False
     args["vision"]["checkpoint_path"] = None
     llm = args["llm"]
+    if llm.get("gguf_file"):
+        # the architecture and tokenizer of a GGUF model: its dequantised folder (made once, then cached)
+        folder = _gguf_cache(LLMConfig(**llm))
+        llm.update(model=folder, gguf_file=None, tokenizer=llm.get("tokenizer") or folder)
     llm["pretrained"] = False
     with _stand_in_or_none(llm) as tokenizer:
         if tokenizer is not None:
