@@ -4,11 +4,17 @@ import pytest
 import torch
 from PIL import Image
 
-from lynx_zoo.data import ManifestDataset, ManifestError, read_manifest
+from lynx_zoo.data import DataError, ImageTextSource, LoadContext, ManifestError, Skipped, read_manifest
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(__import__("numpy").asarray(image.resize((8, 8)))).permute(2, 0, 1).float()
+
+
+def source(manifest, strict=False) -> ImageTextSource:
+    data = ImageTextSource(str(manifest), name="m")
+    data.prepare(LoadContext(to_tensor, strict=strict))
+    return data
 
 
 def write(path, lines):
@@ -18,7 +24,7 @@ def write(path, lines):
 def test_round_trip_of_real_image_files(tmp_path):
     Image.new("RGB", (16, 16), (255, 0, 0)).save(tmp_path / "red.png")
     write(tmp_path / "m.jsonl", [{"image": "red.png", "question": "colour?", "answer": "red", "category": "c"}])
-    data = ManifestDataset(tmp_path / "m.jsonl", to_tensor)
+    data = source(tmp_path / "m.jsonl")
     sample = data[0]
     assert sample.answer == "red" and sample.category == "c" and sample.image.shape == (3, 8, 8)
     assert sample.image[0].mean() == 255 and sample.image[1].mean() == 0
@@ -40,7 +46,7 @@ def test_later_bad_lines_are_skipped_and_counted(tmp_path):
         read_manifest(tmp_path / "m.jsonl", strict=True)
 
 
-def test_corrupt_image_yields_none_or_a_named_error(tmp_path):
+def test_corrupt_image_is_skipped_with_its_reason_or_a_named_error(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     write(
         tmp_path / "m.jsonl",
@@ -49,7 +55,8 @@ def test_corrupt_image_yields_none_or_a_named_error(tmp_path):
             {"image": "missing.png", "question": "q", "answer": "a"},
         ],
     )
-    data = ManifestDataset(tmp_path / "m.jsonl", to_tensor)
-    assert data[0] is None and data[1] is None
-    with pytest.raises(OSError, match="cannot read image .*bad.png"):
-        ManifestDataset(tmp_path / "m.jsonl", to_tensor, strict=True)[0]
+    data = source(tmp_path / "m.jsonl")
+    assert data[0] == Skipped("m", "unreadable_image", data[0].detail) and "bad.png" in data[0].detail
+    assert data[1].reason == "unreadable_image" and "missing.png" in data[1].detail
+    with pytest.raises(DataError, match="cannot read image .*bad.png"):
+        source(tmp_path / "m.jsonl", strict=True)[0]

@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from lynx_zoo.data import IGNORE_INDEX, LynxProcessor, PromptConfig, Sample
+from lynx_zoo.data import IGNORE_INDEX, LynxProcessor, PromptConfig, Sample, Skipped
 from lynx_zoo.data.shapes import shapes_tokenizer
 
 
@@ -11,7 +12,8 @@ def processor(**prompt) -> LynxProcessor:
 def test_layout_bos_prompt_answer_eos_with_loss_on_answer_only():
     proc = processor()
     tok = proc.tokenizer
-    ids, labels = proc.encode(Sample("what color is the circle?", "red"))
+    ids, labels, truncated = proc.encode(Sample("what color is the circle?", "red"))
+    assert not truncated
     words = tok.convert_ids_to_tokens(ids)
     assert words == ["<s>", "user", ":", "what", "color", "is", "the", "circle", "?", "bot", ":", "red", "</s>"]
     assert labels[:-2] == [IGNORE_INDEX] * (len(ids) - 2)
@@ -36,15 +38,52 @@ def test_batches_are_left_padded_with_masked_labels():
     assert batch["answers"] == ["two", "top left"] and batch["num_skipped"] == 0
 
 
-def test_unreadable_samples_are_dropped_and_counted():
-    batch = processor()([None, Sample("how many shapes are there?", "one", image=torch.zeros(3, 2, 2)), None])
-    assert batch["input_ids"].shape[0] == 1 and batch["num_skipped"] == 2
+def test_unreadable_samples_are_dropped_and_counted_by_source_and_reason():
+    unreadable = Skipped("vqa", "unreadable_image", "a.png: truncated")
+    sample = Sample("how many shapes are there?", "one", image=torch.zeros(3, 2, 2))
+    batch = processor()([unreadable, sample, Skipped("vqa", "unreadable_image"), Skipped("clips", "unreadable_video")])
+    assert batch["input_ids"].shape[0] == 1 and batch["num_skipped"] == 3
+    assert batch["skipped"] == {"vqa/unreadable_image": 2, "clips/unreadable_video": 1}
+
+
+def test_conversations_have_the_loss_on_every_answer_and_drop_old_turns_first():
+    proc = processor()
+    tok = proc.tokenizer
+    chat = Sample("what shape is the object?", "circle", history=[("what color is the circle?", "red")])
+    ids, labels, truncated = proc.encode(chat)
+    words = tok.convert_ids_to_tokens(ids)
+    assert words == (
+        ["<s>", "user", ":", "what", "color", "is", "the", "circle", "?", "bot", ":", "red", "</s>"]
+        + ["user", ":", "what", "shape", "is", "the", "object", "?", "bot", ":", "circle", "</s>"]
+    )
+    answered = [tok.convert_ids_to_tokens(i) for i, label in zip(ids, labels) if label != IGNORE_INDEX]
+    assert answered == ["red", "</s>", "circle", "</s>"] and not truncated
+    short = processor(max_length=15)
+    ids, labels, truncated = short.encode(chat)
+    assert truncated
+    kept = ["<s>", "user", ":", "what", "shape", "is", "the", "object", "?", "bot", ":", "circle", "</s>"]
+    assert short.tokenizer.convert_ids_to_tokens(ids) == kept
+
+
+def test_a_batch_of_videos_stacks_frames_and_refuses_mixing_with_images():
+    proc = processor()
+    clip = Sample("what happens?", "jumping", image=torch.zeros(5, 3, 4, 4))
+    assert proc([clip, clip])["images"].shape == (2, 5, 3, 4, 4)
+    with pytest.raises(ValueError, match="mixes images, videos"):
+        proc([clip, Sample("what color?", "red", image=torch.zeros(3, 4, 4))])
+
+
+def test_truncated_samples_are_counted():
+    proc = processor(max_length=10)
+    batch = proc([Sample("what color is the circle in the top left?", "red"), Sample("what color?", "red")])
+    assert batch["num_truncated"] == 1
 
 
 def test_truncation_shortens_the_instruction_and_keeps_the_answer_slot():
     proc = processor(max_length=10)
-    ids, labels = proc.encode(Sample("what color is the circle in the top left?", "red"))
+    ids, labels, truncated = proc.encode(Sample("what color is the circle in the top left?", "red"))
     words = proc.tokenizer.convert_ids_to_tokens(ids)
+    assert truncated
     assert len(ids) == len(labels) == 10
     assert words == ["<s>", "user", ":", "what", "color", "is", "bot", ":", "red", "</s>"]
     assert labels[-2:] == ids[-2:]

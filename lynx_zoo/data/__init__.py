@@ -1,17 +1,39 @@
 """Data: samples, the processor (prompt format, tokens, labels) and the DataModules."""
 
 from lynx_zoo.data.datamodule import ShapesVQADataModule, VQADataModule
-from lynx_zoo.data.manifest import ManifestDataset, ManifestError, read_manifest
-from lynx_zoo.data.processor import IGNORE_INDEX, LynxProcessor, PromptConfig, Sample
+from lynx_zoo.data.manifest import ManifestError, read_manifest
+from lynx_zoo.data.mixture import MixtureDataModule
+from lynx_zoo.data.processor import IGNORE_INDEX, LynxProcessor, PromptConfig, Sample, Skipped
+from lynx_zoo.data.sources import (
+    ConversationSource,
+    DataError,
+    ImageTextSource,
+    LoadContext,
+    ShardSource,
+    Source,
+    TextSource,
+    VideoQASource,
+)
+from lynx_zoo.data.templates import InstructionTemplates
 
 __all__ = [
     "IGNORE_INDEX",
     "LynxProcessor",
-    "ManifestDataset",
+    "ConversationSource",
+    "DataError",
+    "ImageTextSource",
+    "InstructionTemplates",
+    "LoadContext",
+    "MixtureDataModule",
+    "ShardSource",
+    "Source",
+    "TextSource",
+    "VideoQASource",
     "ManifestError",
     "PromptConfig",
     "Sample",
     "ShapesVQADataModule",
+    "Skipped",
     "VQADataModule",
     "read_manifest",
 ]

@@ -12,9 +12,9 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
-from lynx_zoo.data.manifest import ManifestDataset
 from lynx_zoo.data.processor import LynxProcessor
 from lynx_zoo.data.shapes import write_shapes_vqa
+from lynx_zoo.data.sources import ImageTextSource, LoadContext
 
 
 class VQADataModule(L.LightningDataModule):
@@ -46,8 +46,8 @@ class VQADataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.strict = strict
         self.processor: LynxProcessor | None = None
-        self.train_set: ManifestDataset | None = None
-        self.val_set: ManifestDataset | None = None
+        self.train_set: ImageTextSource | None = None
+        self.val_set: ImageTextSource | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.processor is None:
@@ -57,11 +57,15 @@ class VQADataModule(L.LightningDataModule):
                     "or set `datamodule.processor = model.processor`"
                 )
             self.processor = self.trainer.lightning_module.processor
-        transform = self.processor.image_transform
         if stage in (None, "fit") and self.train_set is None:
-            self.train_set = ManifestDataset(self.train_manifest, transform, self.image_root, self.strict)
+            self.train_set = self._source(self.train_manifest, training=True)
         if self.val_manifest and self.val_set is None:
-            self.val_set = ManifestDataset(self.val_manifest, transform, self.image_root, self.strict)
+            self.val_set = self._source(self.val_manifest, training=False)
+
+    def _source(self, manifest: str, training: bool) -> ImageTextSource:
+        source = ImageTextSource(manifest, root=self.image_root, name=Path(manifest).stem)
+        source.prepare(LoadContext(self.processor.image_transform, training=training, strict=self.strict))
+        return source
 
     @property
     def categories(self) -> list[str]:
@@ -70,7 +74,7 @@ class VQADataModule(L.LightningDataModule):
             return self.val_set.categories
         return []
 
-    def _loader(self, dataset: ManifestDataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: ImageTextSource, shuffle: bool) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

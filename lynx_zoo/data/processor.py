@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,8 +18,9 @@ IGNORE_INDEX = -100
 class Sample:
     """One training or evaluation example, as every data source yields it.
 
-    ``image`` is a transformed image ``(3, H, W)`` or ``None`` for text-only data; ``answer`` is empty
-    for prompts to be answered.
+    ``image`` is a transformed image ``(3, H, W)``, a video's transformed frames ``(T, 3, H, W)``, or
+    ``None`` for text-only data; ``answer`` is empty for prompts to be answered; ``history`` holds the
+    earlier (instruction, answer) turns of a conversation.
     """
 
     instruction: str
@@ -26,6 +28,17 @@ class Sample:
     image: torch.Tensor | None = None
     category: str = ""
     id: str = ""
+    history: list[tuple[str, str]] = field(default_factory=list)
+    source: str = ""
+
+
+@dataclass
+class Skipped:
+    """What a data source yields instead of a :class:`Sample` it could not read (counted, never fatal)."""
+
+    source: str
+    reason: str
+    detail: str = ""
 
 
 @dataclass
@@ -71,42 +84,73 @@ class LynxProcessor:
         return self.prompt.template.format(instruction=instruction)
 
     def _prompt_ids(self, instruction: str) -> list[int]:
-        ids = self.tokenizer(self.format_prompt(instruction), add_special_tokens=False)["input_ids"]
-        bos = self.tokenizer.bos_token_id
-        return ids if bos is None else [bos, *ids]
+        return self.tokenizer(self.format_prompt(instruction), add_special_tokens=False)["input_ids"]
 
-    def encode(self, sample: Sample, with_answer: bool = True) -> tuple[list[int], list[int]]:
-        """Token ids and labels of one sample (labels are ``IGNORE_INDEX`` on the prompt).
+    def _answer_ids(self, answer: str) -> list[int]:
+        return self.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"] + [
+            self.tokenizer.eos_token_id
+        ]
 
-        Over ``max_length``, the instruction is shortened first (the template's ending, ``Bot:``,
-        stays so the model still knows where to answer), then the end of the answer.
+    def encode(self, sample: Sample, with_answer: bool = True) -> tuple[list[int], list[int], bool]:
+        """Token ids, labels (``IGNORE_INDEX`` on prompts) and whether ``max_length`` cut the sample.
+
+        A conversation is ``<s> prompt1 answer1 </s> prompt2 answer2 </s> ...`` with the loss on every
+        answer. Over ``max_length``, the oldest turns go first; then the last instruction is shortened
+        (the template's ending, ``Bot:``, stays so the model still knows where to answer), then the end
+        of the answer.
         """
         tok, limit = self.tokenizer, self.prompt.max_length
-        answer_ids: list[int] = []
-        if with_answer:
-            answer_ids = tok(" " + sample.answer.strip(), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        bos = [] if tok.bos_token_id is None else [tok.bos_token_id]
+        turns = [(self._prompt_ids(q), self._answer_ids(a)) for q, a in sample.history]
         prompt_ids = self._prompt_ids(sample.instruction)
-        excess = len(prompt_ids) + len(answer_ids) - limit
+        answer_ids = self._answer_ids(sample.answer) if with_answer else []
+        truncated = False
+        while turns and len(bos) + sum(len(q) + len(a) for q, a in turns) + len(prompt_ids) + len(answer_ids) > limit:
+            turns.pop(0)
+            truncated = True
+        ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
+        for turn_prompt, turn_answer in turns:
+            ids += turn_prompt + turn_answer
+            labels += [IGNORE_INDEX] * len(turn_prompt) + turn_answer
+        room = limit - len(ids)
+        excess = len(prompt_ids) + len(answer_ids) - room
         if excess > 0:
+            truncated = True
             instruction_ids = tok(sample.instruction, add_special_tokens=False)["input_ids"]
             shorter = tok.decode(instruction_ids[: max(0, len(instruction_ids) - excess)])
-            prompt_ids = self._prompt_ids(shorter)[:limit]
-            answer_ids = answer_ids[: max(0, limit - len(prompt_ids))]
-        return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+            prompt_ids = self._prompt_ids(shorter)[: max(0, room)]
+            answer_ids = answer_ids[: max(0, room - len(prompt_ids))]
+        ids, labels = (
+            (ids + prompt_ids + answer_ids)[:limit],
+            (labels + [IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:limit],
+        )
+        return ids, labels, truncated
 
-    def __call__(self, samples: list[Sample | None]) -> dict[str, Any]:
-        """Collate training samples. ``None`` entries (unreadable inputs) and samples whose answer
-        cannot fit ``max_length`` at all are dropped and counted in ``num_skipped``."""
-        encoded = [(s, self.encode(s)) for s in samples if s is not None]
-        kept = [(s, e) for s, e in encoded if any(label != IGNORE_INDEX for label in e[1])]
-        batch = self._pad([e for _, e in kept])
-        batch.update(self._meta([s for s, _ in kept]))
-        batch["num_skipped"] = len(samples) - len(kept)
+    def __call__(self, samples: list[Sample | Skipped | None]) -> dict[str, Any]:
+        """Collate training samples. Unreadable inputs (:class:`Skipped`, or ``None``) and samples whose
+        answer cannot fit ``max_length`` at all are dropped and counted in ``skipped`` by
+        ``source/reason`` (``num_skipped`` is the total); ``num_truncated`` counts cut samples."""
+        skipped: Counter = Counter()
+        kept = []
+        for sample in samples:
+            if not isinstance(sample, Sample):
+                skipped[f"{sample.source}/{sample.reason}" if sample else "unknown/unreadable"] += 1
+                continue
+            ids, labels, truncated = self.encode(sample)
+            if all(label == IGNORE_INDEX for label in labels):
+                skipped[f"{sample.source or 'unknown'}/answer_too_long"] += 1
+                continue
+            kept.append((sample, ids, labels, truncated))
+        batch = self._pad([(ids, labels) for _, ids, labels, _ in kept])
+        batch.update(self._meta([s for s, *_ in kept]))
+        batch["skipped"] = dict(skipped)
+        batch["num_skipped"] = sum(skipped.values())
+        batch["num_truncated"] = sum(t for *_, t in kept)
         return batch
 
     def prompts(self, samples: list[Sample]) -> dict[str, Any]:
         """Collate prompts for generation (no answer, no labels)."""
-        batch = self._pad([self.encode(s, with_answer=False) for s in samples])
+        batch = self._pad([self.encode(s, with_answer=False)[:2] for s in samples])
         del batch["labels"]
         batch.update(self._meta(samples))
         return batch
@@ -127,12 +171,16 @@ class LynxProcessor:
     @staticmethod
     def _meta(samples: list[Sample]) -> dict[str, Any]:
         images = [s.image for s in samples]
-        if any(i is not None for i in images) and any(i is None for i in images):
-            raise ValueError("a batch mixes samples with and without images; keep text-only data in its own batches")
+        if len({None if i is None else i.dim() for i in images}) > 1:
+            raise ValueError(
+                "a batch mixes images, videos and text-only samples; keep each kind in its own batches "
+                "(MixtureDataModule draws every batch from one source)"
+            )
         return {
             "images": torch.stack(images) if images and images[0] is not None else None,
             "instructions": [s.instruction for s in samples],
             "answers": [s.answer for s in samples],
             "categories": [s.category for s in samples],
             "ids": [s.id for s in samples],
+            "sources": [s.source for s in samples],
         }

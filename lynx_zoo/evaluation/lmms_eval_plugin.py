@@ -182,7 +182,7 @@ class LynxHarnessModel:
         model, tokenizer = self.model, self.model.tokenizer
         sequences, lengths = [], []
         for context, continuation, _ in items:
-            prompt_ids, _ = model.processor.encode(Sample(context), with_answer=False)
+            prompt_ids = model.processor.encode(Sample(context), with_answer=False)[0]
             answer_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
             if not answer_ids:
                 raise ValueError(f"loglikelihood: the continuation {continuation!r} has no tokens")

@@ -9,10 +9,12 @@ by implementing :meth:`LynxModel.forward` and :meth:`LynxModel.generate_ids`.
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -84,6 +86,7 @@ class LynxModel(L.LightningModule):
         nn.init.trunc_normal_(self.frame_position, std=0.02)
         self.processor = LynxProcessor(tokenizer, prompt or PromptConfig(), self.vision.image_transform())
         self.val_accuracy = nn.ModuleDict()
+        self.skipped_samples: Counter = Counter()  # this epoch's unreadable samples by source/reason (this rank)
         self.init_from = init_from
 
     def setup(self, stage: str) -> None:
@@ -174,13 +177,31 @@ class LynxModel(L.LightningModule):
     def _step_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         return self(batch["input_ids"], batch["attention_mask"], batch.get("images"), batch["labels"]).loss
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self._step_loss(batch)
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        self.skipped_samples.update(batch.get("skipped", {}))
         size = batch["input_ids"].shape[0]
+        if size == 0:  # every sample of this batch was unreadable: nothing to learn from
+            return None
+        loss = self._step_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        if batch.get("num_skipped"):
-            self.log("train/skipped", float(batch["num_skipped"]), reduce_fx="sum", batch_size=size)
+        for key in ("skipped", "truncated"):
+            value = float(batch.get(f"num_{key}", 0))
+            self.log(f"data/{key}", value, reduce_fx="sum", on_step=False, on_epoch=True, batch_size=size)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        """Sum the epoch's skipped samples over ranks; log and summarise them by source and reason."""
+        counts = Counter(self.skipped_samples)
+        self.skipped_samples.clear()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[dict[str, int]] = [{} for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather_object(gathered, dict(counts))
+            counts = sum((Counter(g) for g in gathered), Counter())
+        for key, count in sorted(counts.items()):
+            self.log(f"data/skipped/{key}", float(count), rank_zero_only=True)
+        if counts:
+            listed = ", ".join(f"{key}: {count}" for key, count in sorted(counts.items()))
+            rank_zero_info(f"epoch {self.current_epoch}: skipped {sum(counts.values())} unreadable samples ({listed})")
 
     def on_validation_epoch_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -189,8 +210,10 @@ class LynxModel(L.LightningModule):
             if key not in self.val_accuracy:
                 self.val_accuracy[key] = MeanMetric().to(self.device)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         size = batch["input_ids"].shape[0]
+        if size == 0:
+            return
         self.log("val/loss", self._step_loss(batch), prog_bar=True, batch_size=size, sync_dist=True)
         samples = [Sample(q, image=None) for q in batch["instructions"]]
         prompts = self.processor.prompts(samples)

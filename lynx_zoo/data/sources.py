@@ -1,0 +1,437 @@
+"""Data sources: one small class per kind of data, all yielding :class:`~lynx_zoo.data.processor.Sample`.
+
+* :class:`ImageTextSource`: captioning and visual QA from a JSONL manifest with local image paths;
+* :class:`ConversationSource`: multi-turn instruction conversations about an image (LLaVA-style JSON);
+* :class:`VideoQASource`: questions about video files (PyAV, frames sampled by segment);
+* :class:`TextSource`: text-only instruction data;
+* :class:`ShardSource`: WebDataset-style tar shards (``key.jpg`` + ``key.json``/``key.txt``), read by
+  byte offset from an index of the tar headers, for alignment data that no single manifest holds.
+
+A source is indexable (``len``, ``load(index, rng)``); how a pass over it is ordered is its own
+business (:meth:`Source.order`: a permutation, or shard by shard for tar shards). A sample that
+cannot be read comes back as :class:`~lynx_zoo.data.processor.Skipped` (source and reason), which the
+collate function drops and counts, unless the source is strict: then the error names the file.
+"""
+
+from __future__ import annotations
+
+import bisect
+import glob
+import io
+import json
+import logging
+import random
+import re
+import tarfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from lynx_zoo.data.manifest import ManifestError, read_manifest
+from lynx_zoo.data.processor import Sample, Skipped
+from lynx_zoo.data.templates import InstructionTemplates
+from lynx_zoo.data.video import VideoError, read_video_frames
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+
+
+class DataError(OSError):
+    """An unreadable input in strict mode (names the file and, for manifests, the line)."""
+
+
+@dataclass
+class LoadContext:
+    """What a source needs from the model and the DataModule to turn records into samples."""
+
+    transform: Callable[[Image.Image], torch.Tensor]
+    templates: InstructionTemplates = field(default_factory=lambda: InstructionTemplates({}))
+    num_frames: int = 5
+    training: bool = True
+    strict: bool = False
+
+
+class Source(Dataset):
+    """Base of the data sources.
+
+    Args:
+        name: the source's name in mixtures, metrics and skip counts (default: the class's kind).
+        ratio: its sampling weight in a mixture (normalised over the mixture's sources).
+        task: the instruction-template task of its samples (see :mod:`lynx_zoo.data.templates`).
+    """
+
+    kind: ClassVar[str] = "source"
+
+    def __init__(self, name: str | None = None, ratio: float = 1.0, task: str = "") -> None:
+        if ratio < 0:
+            raise ValueError(f"source {name or self.kind}: ratio must be >= 0, got {ratio}")
+        self.name = name or self.kind
+        self.ratio = ratio
+        self.task = task
+        self.context: LoadContext | None = None
+        self.skipped_lines: Counter = Counter()
+
+    def prepare(self, context: LoadContext) -> None:
+        """Read the source's index (manifest, tar headers) and keep the context for loading."""
+        self.context = context
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load(self, index: int, seed: str) -> Sample | Skipped:
+        """Sample ``index``; ``seed`` seeds its random draws (template, training video frames), each
+        from its own stream so that switching one (diverse prompts) leaves the others as they were."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> Sample | Skipped:
+        return self.load(index, str(index))
+
+    def order(self, pass_index: int, seed: int) -> np.ndarray:
+        """The order of sample indices in pass ``pass_index`` over the source (a fresh permutation each pass)."""
+        return np.random.default_rng([seed, pass_index]).permutation(len(self))
+
+    @property
+    def categories(self) -> list[str]:
+        return []
+
+    # ------------------------------------------------------------------ helpers for subclasses
+    @property
+    def ctx(self) -> LoadContext:
+        if self.context is None:
+            raise RuntimeError(f"source {self.name}: call prepare(context) before loading samples")
+        return self.context
+
+    def skip(self, reason: str, detail: str) -> Skipped:
+        """Skip (and count) a sample; in strict mode raise instead, naming the file."""
+        if self.ctx.strict:
+            raise DataError(f"source {self.name}: {detail}")
+        log.warning("source %s: skipping %s", self.name, detail)
+        return Skipped(self.name, reason, detail)
+
+    def instruction(self, question: str, seed: str) -> str:
+        rng = random.Random(f"{seed}/template") if self.ctx.training else None
+        return self.ctx.templates.render(self.task, question, rng)
+
+    def read_image(self, path: Path | str, data: bytes | None = None) -> torch.Tensor:
+        """The transformed image at ``path`` (or in ``data``); raises OSError/ValueError when unreadable."""
+        with Image.open(io.BytesIO(data) if data is not None else path) as image:
+            return self.ctx.transform(image.convert("RGB"))
+
+
+class ManifestSource(Source):
+    """A source read from a JSONL manifest (one record per line, see :mod:`lynx_zoo.data.manifest`)."""
+
+    required: ClassVar[tuple[str, ...]] = ("answer",)
+
+    def __init__(
+        self, manifest: str, root: str | None = None, name: str | None = None, ratio: float = 1.0, task: str = ""
+    ) -> None:
+        super().__init__(name, ratio, task)
+        self.manifest = Path(manifest)
+        self.root = Path(root) if root else self.manifest.parent
+        self.records: list[dict] = []
+
+    def prepare(self, context: LoadContext) -> None:
+        super().prepare(context)
+        if not self.records:
+            self.records, self.skipped_lines = read_manifest(self.manifest, context.strict, self.required)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def sample(self, index: int, record: dict, instruction: str, media: torch.Tensor | None) -> Sample:
+        return Sample(
+            instruction=instruction,
+            answer=record["answer"],
+            image=media,
+            category=str(record.get("category") or ""),
+            id=str(record.get("id", index)),
+            source=self.name,
+        )
+
+    @property
+    def categories(self) -> list[str]:
+        return sorted({str(r.get("category") or "") for r in self.records})
+
+
+class ImageTextSource(ManifestSource):
+    """Captioning or visual QA: ``{"image": "a.jpg", "question": "...", "answer": "...", "category": ...}``.
+
+    ``question`` is optional (captioning manifests have none: the task's template is the instruction);
+    ``image`` is relative to ``root`` (default: the manifest's folder).
+    """
+
+    kind = "image_text"
+    required = ("image", "answer")
+
+    def load(self, index: int, seed: str) -> Sample | Skipped:
+        record = self.records[index]
+        path = self.root / record["image"]
+        try:
+            pixels = self.read_image(path)
+        except (OSError, ValueError) as err:
+            return self.skip("unreadable_image", f"{self.manifest}: cannot read image {path}: {err}")
+        return self.sample(index, record, self.instruction(str(record.get("question") or ""), seed), pixels)
+
+
+class VideoQASource(ManifestSource):
+    """Questions about videos: ``{"video": "clip.mp4", "question": "...", "answer": "..."}`` (any container
+    PyAV reads; ``num_frames`` frames by segment: random within segments for training, centres for evaluation)."""
+
+    kind = "video_qa"
+    required = ("video", "answer")
+
+    def load(self, index: int, seed: str) -> Sample | Skipped:
+        record = self.records[index]
+        path = self.root / record["video"]
+        try:
+            frames = read_video_frames(path, self.ctx.num_frames, self.ctx.training, random.Random(f"{seed}/frames"))
+            clip = torch.stack([self.ctx.transform(frame) for frame in frames])
+        except (VideoError, ValueError) as err:
+            return self.skip("unreadable_video", f"{self.manifest}: {err}")
+        return self.sample(index, record, self.instruction(str(record.get("question") or ""), seed), clip)
+
+
+class TextSource(ManifestSource):
+    """Text-only instruction data: ``{"instruction": "...", "answer": "..."}`` (Lynx mixes NLP data in)."""
+
+    kind = "text"
+    required = ("instruction", "answer")
+
+    def load(self, index: int, seed: str) -> Sample:
+        record = self.records[index]
+        return self.sample(index, record, self.instruction(record["instruction"], seed), None)
+
+
+class ConversationSource(Source):
+    """Multi-turn conversations about an image, LLaVA-style: a JSON list (or JSONL) of
+    ``{"id": ..., "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\\n..."},
+    {"from": "gpt", "value": "..."}, ...]}``. Every answer is trained on; the ``<image>`` marker is
+    dropped (each fusion module places the visual tokens itself)."""
+
+    kind = "conversation"
+
+    def __init__(
+        self, path: str, root: str | None = None, name: str | None = None, ratio: float = 1.0, task: str = ""
+    ) -> None:
+        super().__init__(name, ratio, task)
+        self.path = Path(path)
+        self.root = Path(root) if root else self.path.parent
+        self.records: list[dict] = []
+
+    def prepare(self, context: LoadContext) -> None:
+        super().prepare(context)
+        if self.records:
+            return
+        if not self.path.is_file():
+            raise FileNotFoundError(f"conversations not found: {self.path}")
+        text = self.path.read_text(encoding="utf-8")
+        try:
+            loaded = json.loads(text) if text.lstrip().startswith("[") else None
+        except json.JSONDecodeError as err:
+            raise ManifestError(f"{self.path}: not valid JSON ({err.msg}, line {err.lineno})") from err
+        entries = list(enumerate(loaded, 1)) if loaded is not None else self._json_lines(text)
+        for number, record in entries:
+            problem = self._problem(record)
+            if problem is None:
+                self.records.append(record)
+                continue
+            reason, detail = problem
+            message = f"{self.path}: record {number}: {detail}"
+            if context.strict or (number == 1 and reason != "empty_answer"):
+                raise ManifestError(
+                    f"{message}; expected {{'image': str, 'conversations': [{{'from': 'human'|'gpt', 'value': str}}]}}"
+                )
+            self.skipped_lines[reason] += 1
+            log.warning("skipping %s", message)
+
+    @staticmethod
+    def _json_lines(text: str) -> list[tuple[int, Any]]:
+        entries: list[tuple[int, Any]] = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    entries.append((number, json.loads(line)))
+                except json.JSONDecodeError:
+                    entries.append((number, None))
+        return entries
+
+    @staticmethod
+    def _problem(record: Any) -> tuple[str, str] | None:
+        if not isinstance(record, dict):
+            return "malformed_line", "not a JSON object"
+        turns = record.get("conversations")
+        if not isinstance(record.get("image"), str) or not isinstance(turns, list) or not turns:
+            return "missing_field", "missing 'image' or 'conversations'"
+        roles = [t.get("from") if isinstance(t, dict) else None for t in turns]
+        if len(turns) % 2 or roles != ["human", "gpt"] * (len(turns) // 2):
+            return "malformed_line", f"turns must alternate human/gpt, got {roles}"
+        if any(not isinstance(t.get("value"), str) for t in turns):
+            return "malformed_line", "a turn's 'value' is not a string"
+        if any(not t["value"].strip() for t in turns[1::2]):
+            return "empty_answer", "an empty answer"
+        return None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load(self, index: int, seed: str) -> Sample | Skipped:
+        record = self.records[index]
+        path = self.root / record["image"]
+        try:
+            pixels = self.read_image(path)
+        except (OSError, ValueError) as err:
+            return self.skip("unreadable_image", f"{self.path}: cannot read image {path}: {err}")
+        turns = record["conversations"]
+        pairs = [(q["value"].replace("<image>", "").strip(), a["value"]) for q, a in zip(turns[::2], turns[1::2])]
+        return Sample(
+            instruction=pairs[-1][0],
+            answer=pairs[-1][1],
+            image=pixels,
+            id=str(record.get("id", index)),
+            history=pairs[:-1],
+            source=self.name,
+        )
+
+
+@dataclass
+class _Shard:
+    path: Path
+    keys: list[str]
+    members: list[dict[str, tuple[int, int]]]  # per sample: extension -> (offset, size)
+
+
+class ShardSource(Source):
+    """WebDataset-style tar shards of image-text pairs: members ``<key>.<jpg|png|...>`` with ``<key>.json``
+    (``{"answer": ..., "question": ...}``, or ``"caption"``) or ``<key>.txt`` (the caption).
+
+    Args:
+        shards: tar files: paths, globs or a brace range (``pairs-{000000..000099}.tar``).
+        (``name``, ``ratio``, ``task`` as for every :class:`Source`; the default task is captioning.)
+
+    Samples are read by byte offset from an index of the tar headers (built at ``prepare``), so a
+    mixture can address any sample. A pass goes shard by shard in a shuffled shard order: a batch
+    reads consecutive members of one shard, and the shards of a pass are split between ranks and
+    dataloader workers by the mixture's batch schedule, each sample exactly once.
+    """
+
+    kind = "shards"
+
+    def __init__(self, shards: list[str] | str, name: str | None = None, ratio: float = 1.0, task: str = "caption"):
+        super().__init__(name, ratio, task)
+        self.patterns = [shards] if isinstance(shards, str) else list(shards)
+        self.shards: list[_Shard] = []
+        self.offsets: list[int] = []  # first global index of each shard
+
+    def prepare(self, context: LoadContext) -> None:
+        super().prepare(context)
+        if self.shards:
+            return
+        paths = [p for pattern in self.patterns for p in _expand(pattern)]
+        if not paths:
+            raise FileNotFoundError(f"source {self.name}: no tar shards match {self.patterns}")
+        total = 0
+        for path in paths:
+            shard = _index_shard(path, self.skipped_lines, context.strict)
+            self.shards.append(shard)
+            self.offsets.append(total)
+            total += len(shard.keys)
+        self.size = total
+
+    def __len__(self) -> int:
+        return self.size if self.shards else 0
+
+    def order(self, pass_index: int, seed: int) -> np.ndarray:
+        shard_order = np.random.default_rng([seed, pass_index]).permutation(len(self.shards))
+        return np.concatenate(
+            [np.arange(self.offsets[s], self.offsets[s] + len(self.shards[s].keys)) for s in shard_order]
+        )
+
+    def locate(self, index: int) -> tuple[_Shard, int]:
+        """The shard holding global sample ``index`` and the sample's position in it."""
+        s = bisect.bisect_right(self.offsets, index) - 1
+        return self.shards[s], index - self.offsets[s]
+
+    def load(self, index: int, seed: str) -> Sample | Skipped:
+        shard, position = self.locate(index)
+        key, members = shard.keys[position], shard.members[position]
+        where = f"{shard.path}:{key}"
+        try:
+            with shard.path.open("rb") as tar:
+                blobs = {ext: _read_at(tar, *members[ext]) for ext in members}
+        except OSError as err:
+            return self.skip("unreadable_shard", f"{where}: {err}")
+        image_ext = next(ext for ext in IMAGE_EXTENSIONS if ext in blobs)
+        try:
+            pixels = self.read_image(where, blobs[image_ext])
+        except (OSError, ValueError) as err:
+            return self.skip("unreadable_image", f"{where}.{image_ext}: {err}")
+        if "json" in blobs:
+            try:
+                meta = json.loads(blobs["json"])
+                answer, question = str(meta.get("answer") or meta.get("caption") or ""), str(meta.get("question") or "")
+            except (json.JSONDecodeError, AttributeError) as err:
+                return self.skip("malformed_line", f"{where}.json: {err}")
+        else:
+            answer, question = blobs["txt"].decode("utf-8", "replace"), ""
+        if not answer.strip():
+            return self.skip("empty_answer", f"{where}: empty answer")
+        return Sample(self.instruction(question, seed), answer.strip(), pixels, id=key, source=self.name)
+
+
+def _expand(pattern: str) -> list[Path]:
+    """Paths of a glob or a ``{000..009}`` brace range (zero padding kept)."""
+    brace = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if brace:
+        first, last = brace.groups()
+        names = [
+            pattern[: brace.start()] + str(i).zfill(len(first)) + pattern[brace.end() :]
+            for i in range(int(first), int(last) + 1)
+        ]
+        return [p for name in names for p in _expand(name)]
+    if glob.has_magic(pattern):
+        return [Path(p) for p in sorted(glob.glob(pattern))]
+    return [Path(pattern)]
+
+
+def _index_shard(path: Path, skipped: Counter, strict: bool) -> _Shard:
+    """Keys and member byte ranges of a tar shard, from its headers (the data is not read)."""
+    grouped: dict[str, dict[str, tuple[int, int]]] = {}
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile() or "." not in Path(member.name).name:
+                    continue
+                key, _, ext = member.name.partition(".")
+                grouped.setdefault(key, {})[ext.lower()] = (member.offset_data, member.size)
+    except (OSError, tarfile.TarError) as err:
+        if strict:
+            raise DataError(f"{path}: unreadable tar shard: {err}") from err
+        log.warning("shard %s: read its index up to an error: %s", path, err)
+        skipped["unreadable_shard"] += 1
+    keys, members = [], []
+    for key, exts in grouped.items():
+        if any(e in exts for e in IMAGE_EXTENSIONS) and ("json" in exts or "txt" in exts):
+            keys.append(key)
+            members.append(exts)
+        else:
+            if strict:
+                raise DataError(f"{path}: sample {key!r} lacks an image or a json/txt member: {sorted(exts)}")
+            skipped["incomplete_sample"] += 1
+    return _Shard(path, keys, members)
+
+
+def _read_at(file: io.BufferedReader, offset: int, size: int) -> bytes:
+    file.seek(offset)
+    data = file.read(size)
+    if len(data) != size:
+        raise OSError(f"member at byte {offset} is cut short ({len(data)} of {size} bytes)")
+    return data

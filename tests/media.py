@@ -1,0 +1,84 @@
+"""Real media for data tests: scikit-image's bundled photographs, clips encoded with PyAV, tar shards."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+from skimage import data as skdata
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
+CODECS = {"mp4": "libx264", "webm": "libvpx", "mkv": "mpeg4", "mpg": "mpeg2video"}
+
+
+def photo(name: str, size: int = 48) -> Image.Image:
+    """A real photograph from scikit-image, RGB, resized to ``size`` x ``size``."""
+    pixels = getattr(skdata, name)()
+    image = Image.fromarray(pixels).convert("RGB")
+    return image.resize((size, size))
+
+
+def save_photos(folder: Path, size: int = 48) -> list[str]:
+    """The photographs as JPEG/PNG files in ``folder``; returns their file names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, name in enumerate(PHOTOS):
+        file = f"{name}.{'jpg' if i % 2 else 'png'}"
+        photo(name, size).save(folder / file)
+        names.append(file)
+    return names
+
+
+def frame_value(index: int) -> int:
+    """The grey level of frame ``index`` of :func:`write_clip` clips (frames are told apart by it)."""
+    return (index * 12) % 240
+
+
+def write_clip(path: Path, num_frames: int = 20, size: int = 32, fps: int = 10) -> Path:
+    """A clip of a photograph whose top half is a flat grey of level :func:`frame_value` (``i``) in frame ``i``."""
+    base = np.asarray(photo("astronaut", size)).copy()
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(CODECS[path.suffix[1:]], rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
+        for i in range(num_frames):
+            frame = base.copy()
+            frame[: size // 2] = frame_value(i)  # the top half is a flat grey that encodes the index
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def decoded_index(frame: Image.Image) -> int:
+    """Which frame of a :func:`write_clip` clip ``frame`` is (from the grey level of its top half)."""
+    grey = float(np.asarray(frame)[2 : frame.height // 2 - 2].mean())
+    return int(round(grey / 12))
+
+
+def write_shards(folder: Path, num_shards: int, per_shard: int, size: int = 32) -> list[str]:
+    """Tar shards ``pairs-000000.tar`` ... of ``<key>.jpg`` + ``<key>.json`` (or ``.txt``) pairs; returns the keys."""
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = []
+    for s in range(num_shards):
+        with tarfile.open(folder / f"pairs-{s:06d}.tar", "w") as tar:
+            for j in range(per_shard):
+                key = f"s{s:02d}-{j:03d}"
+                image = io.BytesIO()
+                photo(PHOTOS[(s + j) % len(PHOTOS)], size).save(image, format="JPEG")
+                members = {"jpg": image.getvalue()}
+                if j % 2:
+                    members["txt"] = f"a photo number {j}".encode()
+                else:
+                    members["json"] = json.dumps({"caption": f"a photo number {j}"}).encode()
+                for ext, payload in members.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+                keys.append(key)
+    return keys

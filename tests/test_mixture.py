@@ -1,0 +1,216 @@
+"""The mixture DataModule: ratios, templates, exactly-once shards across ranks and workers, bad input that
+never stops a run, mid-epoch resume, and images + videos + text through PT and CA models."""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from media import save_photos, write_clip, write_shards
+from torch.utils.data import DataLoader
+
+from lynx_zoo import CrossAttnLynx, PrefixLynx
+from lynx_zoo.data import (
+    ImageTextSource,
+    LynxProcessor,
+    MixtureDataModule,
+    PromptConfig,
+    ShardSource,
+    TextSource,
+    VideoQASource,
+)
+from lynx_zoo.data.mixture import MixtureSchedule, MixtureStream
+from lynx_zoo.data.shapes import shapes_tokenizer
+from lynx_zoo.data.sources import LoadContext
+
+
+def to_tensor(image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image.convert("RGB").resize((8, 8)), dtype=np.float32)).permute(2, 0, 1)
+
+
+def write_jsonl(path: Path, records: list) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def mixed_data(tmp_path_factory) -> Path:
+    """Photos (with 2 unreadable images and a malformed line), clips (one truncated) and text-only data."""
+    root = tmp_path_factory.mktemp("mixed")
+    photos = save_photos(root)
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    images = [{"image": photos[i % 5], "question": "what color is the circle?", "answer": "red"} for i in range(10)]
+    images[3] = {"image": "corrupt.png", "question": "what color is the circle?", "answer": "red"}
+    images[7] = {"image": "missing.png", "question": "what color is the circle?", "answer": "red"}
+    write_jsonl(root / "images.jsonl", images[:5] + ["{not json"] + images[5:])
+    for ext in ("mp4", "webm", "mkv", "mpg"):
+        write_clip(root / f"clip.{ext}")
+    long = write_clip(root / "long.mkv", num_frames=60).read_bytes()
+    (root / "cut.mkv").write_bytes(long[: len(long) // 2])
+    clips = [
+        {"video": f"clip.{ext}", "question": "how many shapes are there?", "answer": "one"}
+        for ext in ("mp4", "webm", "mkv", "mpg")
+    ]
+    clips.insert(2, {"video": "cut.mkv", "question": "how many shapes are there?", "answer": "one"})
+    write_jsonl(root / "clips.jsonl", clips)
+    write_jsonl(root / "text.jsonl", [{"instruction": "what shape is a ball?", "answer": "circle"}] * 6)
+    return root
+
+
+def mixture(root: Path, **kwargs) -> MixtureDataModule:
+    sources = [
+        ImageTextSource(str(root / "images.jsonl"), name="images", ratio=0.5, task="vqa"),
+        VideoQASource(str(root / "clips.jsonl"), name="clips", ratio=0.3, task="video_qa"),
+        TextSource(str(root / "text.jsonl"), name="text", ratio=0.2),
+    ]
+    return MixtureDataModule(sources, **{"batch_size": 4, "batches_per_epoch": 12, "num_workers": 0, **kwargs})
+
+
+def test_mixture_ratios_hold_over_thousands_of_draws(mixed_data):
+    data = mixture(mixed_data)
+    data.processor, data.num_frames = LynxProcessor(shapes_tokenizer(), PromptConfig(), to_tensor), 5
+    data.setup("fit")
+    draws = MixtureSchedule(data.sources, 4, 3000, seed=0, rank=0, world_size=1).source_draws(epoch=0)
+    shares = np.bincount(draws, minlength=3) / len(draws)
+    np.testing.assert_allclose(shares, [0.5, 0.3, 0.2], atol=0.03)
+
+
+def test_single_vs_diverse_templates_change_only_the_prompts(mixed_data):
+    batches = {}
+    for diverse in (True, False):
+        data = mixture(mixed_data, diverse_prompts=diverse)
+        data.processor, data.num_frames = LynxProcessor(shapes_tokenizer(), PromptConfig(), to_tensor), 5
+        data.setup("fit")
+        batches[diverse] = list(data.train_dataloader())
+    instructions = Counter()
+    for diverse_batch, single_batch in zip(batches[True], batches[False]):
+        assert diverse_batch["source"] == single_batch["source"]
+        assert diverse_batch["ids"] == single_batch["ids"] and diverse_batch["answers"] == single_batch["answers"]
+        if diverse_batch["images"] is not None:
+            torch.testing.assert_close(diverse_batch["images"], single_batch["images"])
+        for d, s in zip(diverse_batch["instructions"], single_batch["instructions"]):
+            instructions[(d == s, single_batch["source"])] += 1
+            if single_batch["source"] == "images":
+                assert s == "what color is the circle?"  # the first vqa template is the question itself
+            if single_batch["source"] == "clips":
+                assert s == "how many shapes are there?"
+    assert instructions[(False, "images")] > 0 and instructions[(False, "clips")] > 0  # paraphrases were drawn
+    assert instructions[(False, "text")] == 0  # a task without templates keeps its instruction
+
+
+def test_shards_are_read_exactly_once_per_epoch_across_2_ranks_and_2_workers(tmp_path):
+    keys = write_shards(tmp_path, num_shards=8, per_shard=6, size=16)
+    processor = LynxProcessor(shapes_tokenizer(), PromptConfig(), to_tensor)
+    seen: list[str] = []
+    for rank in (0, 1):
+        source = ShardSource(str(tmp_path / "pairs-*.tar"), name="pairs")
+        source.prepare(LoadContext(to_tensor))
+        schedule = MixtureSchedule([source], batch_size=4, batches_per_epoch=6, seed=3, rank=rank, world_size=2)
+        rank_ids = []
+        for batch in DataLoader(MixtureStream(schedule, processor), batch_size=None, num_workers=2):
+            rank_ids += batch["ids"]
+            assert len({key.split("-")[0] for key in batch["ids"]}) <= 2  # consecutive members of a shard
+        # the workers' batches arrive in schedule order
+        planned = [source.locate(int(i)) for _, indices in schedule.epoch_plan(0) for i in indices]
+        assert rank_ids == [shard.keys[position] for shard, position in planned]
+        seen += rank_ids
+    assert sorted(seen) == sorted(keys) and len(seen) == len(set(seen)) == 48
+
+
+class Recorder(Callback):
+    """Records each training batch's sample ids and source."""
+
+    def __init__(self) -> None:
+        self.ids: list[list[str]] = []
+        self.sources: list[str] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.ids.append(list(batch["ids"]))
+        self.sources.append(batch["source"])
+
+
+class StopAt(Callback):
+    """Stops training after ``step`` optimizer steps (as a killed job would)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        trainer.should_stop = trainer.global_step >= self.step
+
+
+def trainer(tmp_path: Path, **kwargs) -> L.Trainer:
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    return L.Trainer(**{**options, **kwargs})
+
+
+def expected_skips(data: MixtureDataModule, epoch: int) -> Counter:
+    """What the schedule will load of the bad records: images 3 and 7 (corrupt, missing), clip 2 (truncated)."""
+    bad = {("images", 3): "unreadable_image", ("images", 7): "unreadable_image", ("clips", 2): "unreadable_video"}
+    counts = Counter()
+    for source, indices in data.stream.schedule.epoch_plan(epoch):
+        name = data.sources[source].name
+        for i in indices:
+            if (name, int(i)) in bad:
+                counts[f"{name}/{bad[(name, int(i))]}"] += 1
+    return counts
+
+
+@pytest.mark.parametrize("fusion", [PrefixLynx, CrossAttnLynx])
+def test_bad_input_never_stops_a_run_and_the_skips_are_counted_exactly(make_tiny, mixed_data, tmp_path, fusion):
+    model = make_tiny(fusion)
+    data = mixture(mixed_data)
+    recorder = Recorder()
+    run = trainer(tmp_path, max_epochs=1, callbacks=[recorder])
+    run.fit(model, datamodule=data)
+    assert len(recorder.ids) == 12  # the epoch ran to its end
+    assert set(recorder.sources) == {"images", "clips", "text"}  # images, videos and text in one run
+    expected = expected_skips(data, 0)
+    assert expected["images/unreadable_image"] > 0 and expected["clips/unreadable_video"] > 0
+    logged = {k.removeprefix("data/skipped/"): int(v) for k, v in run.callback_metrics.items() if "skipped/" in k}
+    assert logged == dict(expected)
+    assert data.skipped_lines == {"images/malformed_line": 1}
+    assert torch.isfinite(run.callback_metrics["train/loss"])
+
+
+def test_strict_mode_names_the_file(make_tiny, mixed_data, tmp_path):
+    from lynx_zoo.data.manifest import ManifestError
+
+    with pytest.raises(ManifestError, match=r"images.jsonl:6: not valid JSON"):
+        trainer(tmp_path, max_steps=1).fit(make_tiny(), datamodule=mixture(mixed_data, strict=True))
+
+
+def test_stop_and_resume_mid_epoch_continues_with_the_next_unseen_batches(make_tiny, mixed_data, tmp_path):
+    full, first, rest = Recorder(), Recorder(), Recorder()
+    model = make_tiny()
+    trainer(tmp_path / "full", max_steps=8, callbacks=[full]).fit(
+        model, datamodule=mixture(mixed_data, batches_per_epoch=5, num_workers=2)
+    )
+    every_3 = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1, filename="{step}")
+    # the same run (max_steps=8: the same LR schedule), stopped after step 3
+    trainer(tmp_path / "a", max_steps=8, callbacks=[first, every_3, StopAt(3)], enable_checkpointing=True).fit(
+        make_tiny(), datamodule=mixture(mixed_data, batches_per_epoch=5, num_workers=2)
+    )
+    resumed = make_tiny()
+    trainer(tmp_path / "b", max_steps=8, callbacks=[rest]).fit(
+        resumed,
+        datamodule=mixture(mixed_data, batches_per_epoch=5, num_workers=2),
+        ckpt_path=tmp_path / "ckpt" / "step=3.ckpt",
+    )
+    assert first.ids == full.ids[:3]
+    assert rest.ids == full.ids[3:]  # the rest of epoch 0, then epoch 1: nothing repeated, nothing missed
+    for (name, a), b in zip(model.trainable_parameters(), [p for _, p in resumed.trainable_parameters()]):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
