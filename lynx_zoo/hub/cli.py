@@ -35,6 +35,7 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="the LLM's weight dtype (e.g. bfloat16); default as saved")
     parser.add_argument("--preset", default="lynx", help="generation preset: lynx (beams 5), lynx-sampled, greedy")
     parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--min-new-tokens", type=int, default=None)
     parser.add_argument("--num-beams", type=int, default=None)
 
 
@@ -58,6 +59,8 @@ def _generation(args: argparse.Namespace) -> dict[str, Any]:
     settings: dict[str, Any] = {"preset": args.preset}
     if args.max_new_tokens is not None:
         settings["max_new_tokens"] = args.max_new_tokens
+    if args.min_new_tokens is not None:
+        settings["min_new_tokens"] = args.min_new_tokens
     if args.num_beams is not None:
         settings["num_beams"] = args.num_beams
     return settings
