@@ -1,0 +1,272 @@
+"""Scaling a :class:`~lynx_zoo.fusion.base.LynxModel` out: FSDP2 sharding, activation checkpointing, strategies.
+
+Everything here is torch.distributed + Lightning; nothing launches processes or shards by itself.
+
+* :class:`LynxFSDP2Strategy` is Lightning's ``ModelParallelStrategy`` (FSDP2) with the zoo's defaults: all
+  processes in one data-parallel (sharding) dimension, a bf16-compute / fp32-reduce mixed-precision policy
+  and a switch for activation checkpointing. ``LynxModel.configure_model`` calls :func:`configure_lynx_model`,
+  which shards the model with :func:`shard_lynx_model` when a device mesh is set.
+* :func:`apply_activation_checkpointing` recomputes decoder layers in the backward pass, with the
+  adapters and cross-attention blocks (hooks on those layers) inside the recomputed region.
+* :func:`fsdp1_auto_wrap_policy` is the auto-wrap policy of Lightning's ``FSDPStrategy`` (FSDP1) for the zoo.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
+
+from lynx_zoo.llm.layers import decoder_layers
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from lynx_zoo.fusion.base import LynxModel
+
+
+def _dtype(name: str | None, option: str) -> torch.dtype | None:
+    if name is None:
+        return None
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"{option}: {name!r} is not a torch dtype (e.g. bfloat16, float16, float32, or null)")
+    return value
+
+
+class LynxFSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 (``fully_shard``) through Lightning's ``ModelParallelStrategy``, set up for the zoo.
+
+    Args:
+        data_parallel_size: processes that shard the model between them; ``"auto"``: all of them
+            (nodes x devices / ``tensor_parallel_size``).
+        tensor_parallel_size: must stay 1 (the zoo applies no tensor parallelism).
+        param_dtype: dtype the sharded parameters are all-gathered and computed in (``bfloat16``; ``null``
+            keeps each parameter's own dtype). The optimizer keeps fp32 master weights for trainable ones.
+        reduce_dtype: dtype gradients are reduce-scattered in (``float32``).
+        reshard_after_forward: free each unit's gathered parameters after its forward (ZeRO-3); ``false``
+            keeps them until the backward (ZeRO-2-like: less communication, more memory).
+        activation_checkpointing: recompute the LLM's decoder layers in the backward pass.
+        save_distributed_checkpoint: each rank writes its own shard (a checkpoint folder); ``false``
+            gathers one full checkpoint file on rank 0.
+    """
+
+    def __init__(
+        self,
+        data_parallel_size: Literal["auto"] | int = "auto",
+        tensor_parallel_size: int = 1,
+        param_dtype: str | None = "bfloat16",
+        reduce_dtype: str | None = "float32",
+        reshard_after_forward: bool = True,
+        activation_checkpointing: bool = False,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        if tensor_parallel_size != 1:
+            raise ValueError(
+                f"strategy.tensor_parallel_size: {tensor_parallel_size}; lynx_zoo shards with FSDP2 only, "
+                "keep it at 1 (all processes in the data-parallel dimension)"
+            )
+        super().__init__(
+            data_parallel_size=data_parallel_size,
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+        self.mp_policy = MixedPrecisionPolicy(
+            param_dtype=_dtype(param_dtype, "strategy.param_dtype"),
+            reduce_dtype=_dtype(reduce_dtype, "strategy.reduce_dtype"),
+        )
+        self.reshard_after_forward = reshard_after_forward
+        self.activation_checkpointing = activation_checkpointing
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":
+            # Lightning's "auto" is one data-parallel group per node; here every process shards
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+
+# ---------------------------------------------------------------------------------------------- sharding
+def sharding_units(model: LynxModel) -> list[nn.Module | list[nn.Module]]:
+    """The FSDP2 units of a Lynx model, innermost first (``fully_shard`` must see children before parents).
+
+    Each vision block, bridge layer, cross-attention block (its own unit: it runs from a pre-hook of its
+    decoder layer) and decoder layer (with its adapter) is a unit; so are the input embeddings (PT calls
+    them outside the LLM's forward) and the output head (grouped with the embeddings when tied), then the
+    vision tower, the bridge and the LLM. The model itself is the root (it catches any other parameter).
+    """
+    units: list[nn.Module | list[nn.Module]] = []
+    units += list(getattr(model.vision.model, "blocks", []))
+    units += list(getattr(model.bridge, "layers", []))
+    layers = decoder_layers(model.llm)
+    units += [layer.gated_xattn for layer in layers if hasattr(layer, "gated_xattn")]
+    units += list(layers)
+    embeddings, head = model.llm.get_input_embeddings(), model.llm.get_output_embeddings()
+    if head is not None and head.weight is embeddings.weight:
+        units.append([embeddings, head])  # tied: one unit, so the shared weight is sharded once
+    else:
+        units += [embeddings] + ([head] if head is not None else [])
+    units += [model.vision, model.bridge, model.llm]
+    return units
+
+
+def shard_lynx_model(
+    model: LynxModel, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy | None = None, reshard: bool = True
+) -> int:
+    """Apply ``fully_shard`` to every unit of :func:`sharding_units` and to the model (the root).
+
+    Frozen parameters are sharded like the others but keep ``requires_grad=False``: they get no
+    gradients, and the optimizer (built from the trainable ones) keeps no state for them. Scalar
+    parameters (the adapters' scales), which FSDP2 cannot shard, stay whole on every rank; their
+    gradients are averaged over the mesh by :func:`_average_grads_over`. Returns the number of units.
+    """
+    policy = mp_policy or MixedPrecisionPolicy()
+    scalars = {p for p in model.parameters() if p.ndim == 0}
+    units = sharding_units(model)
+    for unit in [*units, model]:
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard, ignored_params=scalars)
+    for p in scalars:
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(_average_grads_over(mesh))
+    return len(units) + 1
+
+
+def _average_grads_over(mesh: DeviceMesh) -> Callable[[torch.Tensor], None]:
+    group, size = mesh.get_group(), mesh.size()
+
+    def hook(param: torch.Tensor) -> None:
+        torch.distributed.all_reduce(param.grad, group=group)
+        param.grad.div_(size)
+
+    return hook
+
+
+def configure_lynx_model(model: LynxModel) -> None:
+    """What ``LynxModel.configure_model`` does: activation checkpointing if the strategy asks for it, then
+    FSDP2 sharding if the strategy gave the model a device mesh. Idempotent (Lightning may call it again)."""
+    trainer = model._trainer
+    strategy = trainer.strategy if trainer is not None else None
+    if getattr(strategy, "activation_checkpointing", False) is True:
+        apply_activation_checkpointing(model)
+    mesh = model.device_mesh
+    if mesh is None or isinstance(model, FSDPModule):
+        return
+    names = mesh.mesh_dim_names or ()
+    if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+        raise ValueError(
+            f"{type(model).__name__}: got a device mesh with tensor_parallel size {mesh['tensor_parallel'].size()}; "
+            "lynx_zoo shards with FSDP2 only: use lynx_zoo.training.LynxFSDP2Strategy, or ModelParallelStrategy "
+            "with data_parallel_size=<number of processes> and tensor_parallel_size=1"
+        )
+    dp_mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
+    shard_lynx_model(
+        model,
+        dp_mesh,
+        getattr(strategy, "mp_policy", None),
+        getattr(strategy, "reshard_after_forward", True),
+    )
+
+
+def local_parameter_count(module: nn.Module) -> tuple[int, int]:
+    """``(elements held by this process, elements of the full model)``: the local shards of sharded
+    (DTensor) parameters, the whole of the others."""
+    local = total = 0
+    for p in module.parameters():
+        total += p.numel()
+        local += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+    return local, total
+
+
+# ---------------------------------------------------------------------------------------------- checkpointing
+class _CheckpointedCall:
+    """Mixin of a checkpointed decoder layer: its whole call (forward *and* hooks: the adapter's forward hook,
+    the cross-attention pre-hook, FSDP2's own) is recomputed in the backward pass instead of storing
+    activations. FSDP2 knows this composition: in the recomputation its hooks leave the unshard to the
+    pre-backward hook. A cross-attention block reads its visual tokens from attributes that are cleared
+    after the forward; the recomputation gets those of the original call back."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        call = super().__call__  # type: ignore[misc]
+        if not torch.is_grad_enabled():
+            return call(*args, **kwargs)
+        block = getattr(self, "gated_xattn", None)
+        if block is None:
+            return checkpoint(call, *args, use_reentrant=False, **kwargs)
+        media = block.media, block.media_positions
+
+        def call_with_media(*args: Any, **kwargs: Any) -> Any:
+            outer = block.media, block.media_positions
+            block.media, block.media_positions = media
+            try:
+                return call(*args, **kwargs)
+            finally:
+                block.media, block.media_positions = outer
+
+        return checkpoint(call_with_media, *args, use_reentrant=False, **kwargs)
+
+
+@functools.cache
+def _checkpointed_class(cls: type[nn.Module]) -> type[nn.Module]:
+    return type(f"Checkpointed{cls.__name__}", (_CheckpointedCall, cls), {})
+
+
+def apply_activation_checkpointing(model: LynxModel) -> int:
+    """Recompute every decoder layer of the LLM in the backward pass (non-reentrant ``torch.utils.checkpoint``).
+
+    Works with a frozen LLM in eval mode (unlike transformers' switch, which needs ``training``), keeps
+    parameter names (no wrapper module) and is idempotent. Returns the number of checkpointed layers.
+    """
+    layers = decoder_layers(model.llm)
+    for layer in layers:
+        if not isinstance(layer, _CheckpointedCall):
+            if isinstance(layer, FSDPModule):
+                raise RuntimeError("apply_activation_checkpointing: apply it before fully_shard")
+            layer.__class__ = _checkpointed_class(type(layer))
+    return len(layers)
+
+
+# ---------------------------------------------------------------------------------------------- FSDP1
+def _fsdp1_unit_types() -> tuple[type[nn.Module], ...]:
+    from timm.models.eva import EvaBlock
+    from timm.models.vision_transformer import Block
+    from transformers import PreTrainedModel
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from lynx_zoo.adapters.bottleneck import BottleneckAdapter
+    from lynx_zoo.bridge.bridges import PerceiverResampler, ResamplerLayer
+    from lynx_zoo.fusion.cross_attn import GatedCrossAttentionBlock
+    from lynx_zoo.vision.encoder import VisionEncoder
+
+    # decoder layers (every transformers 5 decoder layer is a GradientCheckpointingLayer); adapters and
+    # cross-attention blocks on their own (FSDP1 flattens one dtype per unit: fp32 beside a bf16 LLM);
+    # ViT/EVA blocks, the vision tower, the resampler and its layers, and the whole LLM
+    return (
+        GradientCheckpointingLayer,
+        BottleneckAdapter,
+        GatedCrossAttentionBlock,
+        Block,
+        EvaBlock,
+        VisionEncoder,
+        ResamplerLayer,
+        PerceiverResampler,
+        PreTrainedModel,
+    )
+
+
+def fsdp1_auto_wrap_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+    """``auto_wrap_policy`` of Lightning's ``FSDPStrategy`` (FSDP1) for lynx_zoo models: one FSDP unit per
+    decoder layer, adapter, cross-attention block, vision block and resampler layer, then the vision tower,
+    the resampler and the LLM (the model's root keeps a linear/MLP bridge). Use it with ``use_orig_params:
+    true``: frozen and trainable parameters sit side by side."""
+    return True if recurse else isinstance(module, _fsdp1_unit_types())
