@@ -16,6 +16,11 @@ CONFIGS = (
     [[p] for p in sorted(ROOT.glob("*.yaml"))]
     + [[ROOT / "pt_vicuna_420.yaml", p] for p in sorted((ROOT / "grid").glob("*.yaml"))]
     + [[ROOT / "demo.yaml", p] for p in sorted((ROOT / "demo_grid").glob("*.yaml"))]
+    # the two training stages of Lynx, each with its data mixture
+    + [
+        [ROOT / "pt_vicuna_420.yaml", ROOT / "stages" / f"{stage}.yaml", ROOT / "data" / f"lynx_{data}.yaml"]
+        for stage, data in (("stage1_224", "stage1"), ("stage1_420", "stage1"), ("stage2", "stage2"))
+    ]
 )
 
 
@@ -35,6 +40,35 @@ def test_config_parses(configs):
     cli = ParseOnlyCLI(args=config_args(configs), run=False)
     assert cli.config.model.class_path.startswith("lynx_zoo.")
     assert cli.config.data.class_path.startswith("lynx_zoo.")
+
+
+def test_every_stage_and_data_config_is_covered():
+    covered = {p for paths in CONFIGS for p in paths}
+    assert set((ROOT / "stages").glob("*.yaml")) | set((ROOT / "data").glob("*.yaml")) <= covered
+
+
+def test_the_stage_configs_chain_with_the_papers_schedule():
+    def resolved(stage: str, data: str):
+        paths = [ROOT / "pt_vicuna_420.yaml", ROOT / "stages" / f"{stage}.yaml", ROOT / "data" / f"lynx_{data}.yaml"]
+        return ParseOnlyCLI(args=config_args(paths), run=False).config
+
+    first, second, third = (
+        resolved("stage1_224", "stage1"),
+        resolved("stage1_420", "stage1"),
+        resolved("stage2", "stage2"),
+    )
+    model = [c.model.init_args for c in (first, second, third)]
+    assert [m.vision.image_size for m in model] == [224, 420, 420]
+    assert [(m.optimizer.lr, m.optimizer.min_lr) for m in model] == [(1e-4, 1e-5), (1e-5, 1e-6), (2e-5, 2e-6)]
+    assert [c.trainer.max_steps for c in (first, second, third)] == [100_000, 10_000, 20_000]
+    assert model[0].init_from is None
+    # each stage starts from the last checkpoint of the one before
+    assert model[1].init_from == f"{first.trainer.callbacks[0].init_args.dirpath}/last.ckpt"
+    assert model[2].init_from == f"{second.trainer.callbacks[0].init_args.dirpath}/last.ckpt"
+    stage1 = {s.init_args.name: s.init_args.ratio for s in first.data.init_args.sources}
+    assert stage1["blip_capfilt"] == 30.5 and stage1["places365"] == 10.9 and stage1["cc3m"] == 10.1
+    kinds = {s.class_path.rpartition(".")[2] for s in third.data.init_args.sources}
+    assert {"TextSource", "ImageTextSource", "ConversationSource", "VideoQASource"} <= kinds
 
 
 @pytest.fixture(scope="module")
