@@ -12,8 +12,10 @@ from lynx_zoo.hub.variants import register_local, variants_home
 
 
 def run_variant_name(default_root_dir: str) -> str:
-    """``runs/demo`` -> ``lynx-demo``, ``runs/demo_ca`` -> ``lynx-demo-ca`` (the ids of the variants table)."""
-    return "lynx-" + Path(default_root_dir).name.replace("_", "-")
+    """``runs/demo`` -> ``lynx-demo``, ``runs/demo_ca`` -> ``lynx-demo-ca``, ``runs/lynx_stage2`` -> ``lynx-stage2``
+    (the ids of the variants table)."""
+    name = Path(default_root_dir).name.replace("_", "-")
+    return name if name.startswith("lynx-") else f"lynx-{name}"
 
 
 class ExportVariant(L.Callback):
@@ -21,8 +23,8 @@ class ExportVariant(L.Callback):
     ``lynx_zoo.load_pretrained(name)`` loads it.
 
     Args:
-        name: the variant name (default: ``lynx-`` + the run folder's name with ``-`` for ``_``, e.g.
-            ``runs/demo`` -> ``lynx-demo``; config overlays that change the run folder get their own name).
+        name: the variant name (default: the run folder's name with ``-`` for ``_``, prefixed ``lynx-``,
+            e.g. ``runs/demo`` -> ``lynx-demo``; config overlays that change the run folder get their own name).
         out: the folder to write (default: ``$LYNX_ZOO_VARIANTS/<name>``, see ``lynx_zoo.hub.variants``).
     """
 

@@ -324,8 +324,10 @@ def _training(facts: CardFacts) -> list[str]:
     if facts.configs:
         lines.append("Config: " + " + ".join(f"`{c}`" for c in facts.configs) + ".")
         lines.append("")
+    sources: list[dict[str, Any]] = []
     if facts.data:
-        data_args = facts.data.get("init_args", {})
+        data_args = dict(facts.data.get("init_args", {}))
+        sources = data_args.pop("sources", None) or []
         lines.append(f"- data: `{facts.data['class_path'].rpartition('.')[2]}` {json.dumps(data_args)}")
     if facts.trainer:
         t = facts.trainer
@@ -337,6 +339,12 @@ def _training(facts: CardFacts) -> list[str]:
         f"- optimiser: AdamW, peak lr {opt['lr']}, floor {opt['min_lr']}, warmup {opt['warmup_ratio']:.0%} then "
         f"linear decay, weight decay {opt['weight_decay']}, betas {tuple(opt['betas'])}, eps {opt['eps']}"
     )
+    if sources:
+        lines += ["", "| source | ratio | task | data |", "|---|---:|---|---|"]
+        for source in sources:
+            a = source.get("init_args", {})
+            where = next((a[k] for k in ("shards", "manifest", "path", "root") if a.get(k)), "")
+            lines.append(f"| {a.get('name', '?')} | {a.get('ratio', '')} | {a.get('task', '')} | `{where}` |")
     if facts.init_args["llm"].get("model") in ("lmsys/vicuna-7b-v1.1", "huggyllama/llama-7b"):
         lines += [
             "",

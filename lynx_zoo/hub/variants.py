@@ -86,6 +86,16 @@ def _grid(stem: str, description: str, paper: dict[str, float] | None = None, pr
     )
 
 
+def _stage(stage: str, data: str, description: str, obtain: str = TRAIN_OBTAIN) -> VariantInfo:
+    """A training stage of the real Lynx with its data mixture (``configs/stages/``, ``configs/data/``)."""
+    return VariantInfo(
+        f"lynx-{stage.replace('_', '-')}",
+        ("configs/pt_vicuna_420.yaml", f"configs/stages/{stage}.yaml", f"configs/data/{data}.yaml"),
+        description,
+        obtain=obtain,
+    )
+
+
 def _demo(stem: str, description: str, result: str) -> VariantInfo:
     return VariantInfo(
         f"lynx-demo-{stem.replace('_', '-')}",
@@ -135,6 +145,21 @@ VARIANTS: dict[str, VariantInfo] = {
         ),
         _grid(
             "pt_vicuna_224", "Lynx w/o high resolution: 224 px only", {"open_vqa_image": 73.51, "open_vqa_video": 62.16}
+        ),
+        _stage(
+            "stage1_224", "lynx_stage1", "Lynx stage 1 at 224 px: resampler and adapters aligned on image-text pairs"
+        ),
+        _stage(
+            "stage1_420",
+            "lynx_stage1",
+            "Lynx stage 1 continued at 420 px (the release's pretrain_lynx.pt)",
+            LYNX_OBTAIN.replace("finetune_lynx.pt", "pretrain_lynx.pt"),
+        ),
+        _stage(
+            "stage2",
+            "lynx_stage2",
+            "Lynx stage 2: instruction tuning at 420 px (the release's finetune_lynx.pt)",
+            LYNX_OBTAIN,
         ),
         VariantInfo(
             "lynx-pt-smollm2",
