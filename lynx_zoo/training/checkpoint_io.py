@@ -2,7 +2,9 @@
 
 * :class:`AtomicCheckpointIO` (a Lightning ``CheckpointIO`` plugin, ``trainer.plugins``) writes each checkpoint
   to a temporary file beside its target, fsyncs it, then renames it over the target: a process killed
-  mid-save (SIGKILL, a lost node) leaves the previous checkpoint in place and loadable.
+  mid-save (SIGKILL, a lost node) leaves the previous checkpoint in place and loadable, and a completed save
+  survives a power loss. (Lightning's own ``TorchCheckpointIO`` first pickles the whole checkpoint into memory,
+  a second copy of a multi-GB state, then writes it through an fsspec transaction without fsync.)
 * :func:`consolidate_checkpoint` turns the sharded checkpoint folder that ``ModelParallelStrategy`` (FSDP2)
   writes into one Lightning checkpoint file with the full weights
   (``python -m lynx_zoo.training.checkpoint_io SHARDED_DIR OUT.ckpt``), loadable with
