@@ -1,0 +1,167 @@
+"""Model FLOPs of a Lynx training step, and throughput/MFU logging with Lightning's ``ThroughputMonitor``.
+
+The FLOP count (:func:`lynx_step_flops`), used by the callback and by ``benchmarks/``:
+
+* forward of a part = ``2 x (its parameters) x (tokens through it)`` + attention ``4 x layers x width x T^2`` per
+  sequence (scores and weighted sum, causal masking not discounted: the PaLM / Megatron convention);
+  vision: every image's tokens; bridge: its latents (the resampler's key/value projections: the vision tokens);
+  LLM: text tokens (+ the visual prefix in PT); embeddings are look-ups (0).
+* backward = ``2 x forward`` for a part with trainable weights (gradients of inputs and of weights),
+  ``1 x forward`` for a frozen part that gradients must cross (the frozen LLM above the first trainable
+  module: input gradients only), ``0`` for a frozen part nothing trainable precedes (a frozen vision tower;
+  a frozen LLM's layers below the first adapter or cross-attention block in CA).
+
+So a frozen-LLM PT step costs about ``4 x N_llm x T`` (not ``6 N T``, nor ``6 N_trainable T``), a
+trainable LLM ``6 x N_llm x T``. It agrees with torch's ``FlopCounterMode`` within 5 % (tests/test_throughput.py;
+norms and unmasked attention are counted here). Activation checkpointing adds a forward that the count leaves
+out (model FLOPs, not hardware FLOPs).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch.callbacks import ThroughputMonitor
+from torch import nn
+
+from lynx_zoo.llm.layers import decoder_layers
+
+if TYPE_CHECKING:
+    import lightning as L
+
+    from lynx_zoo.fusion.base import LynxModel
+
+
+def _numel(module: nn.Module | None, trainable: bool | None = None, skip: str | None = None) -> int:
+    """Parameters of ``module`` (only trainable / only frozen ones if ``trainable`` is set; none under ``skip``)."""
+    if module is None:
+        return 0
+    return sum(
+        p.numel()
+        for n, p in module.named_parameters()
+        if (trainable is None or p.requires_grad == trainable) and not (skip and n.startswith(skip))
+    )
+
+
+def _attention(width: int, layers: int, tokens: int, queries: int | None = None) -> float:
+    return 4.0 * layers * width * tokens * (tokens if queries is None else queries)
+
+
+def _cost(frozen_fwd: float, trainable_fwd: float, grad_in: bool, backward: bool) -> float:
+    """Forward, plus the backward: input gradients through frozen work where gradients flow in,
+    input and weight gradients (2x) for trainable work."""
+    if not backward:
+        return frozen_fwd + trainable_fwd
+    return frozen_fwd * (2 if grad_in else 1) + 3 * trainable_fwd
+
+
+def lynx_step_flops(
+    model: LynxModel, batch_size: int, text_tokens: int, images_per_sample: int = 1, backward: bool = True
+) -> float:
+    """Model FLOPs of one forward (+ backward) of ``batch_size`` samples of ``text_tokens`` tokens with
+    ``images_per_sample`` images (video frames) each; the formula is in the module docstring."""
+    vision_tokens = model.vision.num_tokens
+    images = batch_size * images_per_sample
+
+    def tower(module: nn.Module, tokens: float, trainable: bool) -> float:
+        return 2.0 * _numel(module, trainable) * tokens
+
+    # vision tower: every token of every image (attention counted with the frozen or trainable work)
+    vision = model.vision
+    attention = images * _attention(vision.width, len(getattr(vision.model, "blocks", [])), vision_tokens)
+    vision_trainable = _numel(vision, True) > 0
+    frozen = images * tower(vision, vision_tokens, False) + (0 if vision_trainable else attention)
+    trainable = images * tower(vision, vision_tokens, True) + (attention if vision_trainable else 0)
+    total = _cost(frozen, trainable, False, backward)
+    grad_flows = vision_trainable
+
+    # bridge: a resampler's latents read the vision tokens (its key/value projections run on those)
+    layers = getattr(model.bridge, "layers", None)
+    if layers is not None and hasattr(model.bridge, "num_queries"):
+        visual_tokens = model.bridge.num_queries
+        kv = sum(_numel(layer.to_kv) + _numel(layer.norm_media) for layer in layers)
+        bridge = 2.0 * (_numel(model.bridge) - kv) * visual_tokens + 2.0 * kv * vision_tokens
+        bridge += _attention(layers[0].to_q.out_features, len(layers), vision_tokens, visual_tokens)
+    else:
+        visual_tokens = vision_tokens
+        bridge = 2.0 * _numel(model.bridge) * vision_tokens
+    bridge_trainable = _numel(model.bridge, True) > 0
+    total += _cost(0 if bridge_trainable else images * bridge, images * bridge if bridge_trainable else 0,
+                   grad_flows, backward)  # fmt: skip
+    grad_flows = grad_flows or bridge_trainable
+
+    # LLM: decoder layers in order (adapters and cross-attention blocks with them), then the output head
+    prefix = hasattr(model, "prefix_inputs")  # PT: the visual tokens enter the LLM as a prefix
+    media = visual_tokens * images_per_sample
+    tokens = text_tokens + (media if prefix else 0)
+    llm_grad = (grad_flows and prefix) or _numel(model.llm.get_input_embeddings(), True) > 0
+    width = model.llm_width
+    for layer in decoder_layers(model.llm):
+        block = getattr(layer, "gated_xattn", None)
+        if block is not None:
+            kv = _numel(block.to_kv)
+            work = 2.0 * (_numel(block) - kv) * tokens + 2.0 * kv * media
+            work = batch_size * (work + _attention(block.to_q.out_features, 1, tokens, media))
+            block_trainable = _numel(block, True) > 0
+            total += _cost(0 if block_trainable else work, work if block_trainable else 0, llm_grad, backward)
+            llm_grad = llm_grad or block_trainable or grad_flows
+        frozen = batch_size * (2.0 * _numel(layer, False, "gated_xattn") * tokens + _attention(width, 1, tokens))
+        trainable = batch_size * 2.0 * _numel(layer, True, "gated_xattn") * tokens
+        total += _cost(frozen, trainable, llm_grad, backward)
+        llm_grad = llm_grad or trainable > 0
+    head = model.llm.get_output_embeddings()
+    frozen, trainable = (batch_size * 2.0 * _numel(head, t) * tokens for t in (False, True))
+    return total + _cost(frozen, trainable, llm_grad, backward)
+
+
+def batch_size_of(batch: dict[str, Any]) -> int:
+    """Samples in a Lynx batch."""
+    return int(batch["input_ids"].shape[0])
+
+
+def text_tokens_of(batch: dict[str, Any]) -> int:
+    """Real (unpadded) text tokens in a Lynx batch."""
+    return int(batch["attention_mask"].sum())
+
+
+def images_per_sample_of(batch: dict[str, Any]) -> int:
+    """Images (or video frames) per sample: 0 without images."""
+    images = batch.get("images")
+    if images is None:
+        return 0
+    return int(images.shape[1]) if images.dim() == 5 else 1
+
+
+class LynxThroughputMonitor(ThroughputMonitor):
+    """Lightning's ``ThroughputMonitor`` for Lynx batches: logs samples/s, tokens/s (real text tokens), batches/s
+    and, where Lightning knows the device's peak (CUDA, TPU) or ``peak_flops`` is given, model FLOPs/s and MFU
+    by :func:`lynx_step_flops` (``train/device/mfu`` ...).
+
+    Args:
+        window_size: batches in the moving average.
+        peak_flops: peak FLOP/s of one device, overriding Lightning's table (e.g. ``989e12`` for dense bf16 on an
+            H100 SXM when an FSDP2 bf16 policy computes in bf16 under ``32-true`` trainer precision).
+    """
+
+    def __init__(self, window_size: int = 50, peak_flops: float | None = None) -> None:
+        super().__init__(batch_size_fn=batch_size_of, length_fn=text_tokens_of, window_size=window_size)
+        self.peak_flops = peak_flops
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.peak_flops is not None:
+            self.available_flops = int(self.peak_flops)
+            for throughput in self._throughputs.values():
+                throughput.available_flops = self.available_flops
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        width = int(batch["input_ids"].shape[1])
+        pl_module.flops_per_batch = lynx_step_flops(
+            pl_module, batch_size_of(batch), width, max(1, images_per_sample_of(batch))
+        )
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        """Not measured: validation generates answers, whose FLOPs are not a training step's."""
