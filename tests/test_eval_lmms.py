@@ -99,7 +99,7 @@ def test_loglikelihood_is_the_sum_of_the_continuation_token_log_probs(adapter, d
     )
     assert score == target_score
     # independently: the model's mean loss over exactly the continuation tokens, times their number
-    prompt_ids, _ = model.processor.encode(Sample(docs[0]["question"]), with_answer=False)
+    prompt_ids = model.processor.encode(Sample(docs[0]["question"]), with_answer=False)[0]
     answer_ids = model.tokenizer(continuation, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([prompt_ids + answer_ids])
     labels = torch.tensor([[IGNORE_INDEX] * len(prompt_ids) + answer_ids])
