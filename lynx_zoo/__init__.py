@@ -4,6 +4,8 @@ from lynx_zoo.adapters import AdapterConfig
 from lynx_zoo.bridge import BridgeConfig
 from lynx_zoo.data import PromptConfig, ShapesVQADataModule, VQADataModule
 from lynx_zoo.fusion import CrossAttnConfig, CrossAttnLynx, LynxModel, PrefixLynx
+from lynx_zoo.hub import VARIANTS as variants
+from lynx_zoo.hub import list_variants, load_pretrained
 from lynx_zoo.llm import LLMConfig
 from lynx_zoo.training import OptimizerConfig
 from lynx_zoo.vision import VisionConfig
@@ -21,4 +23,7 @@ __all__ = [
     "ShapesVQADataModule",
     "VQADataModule",
     "VisionConfig",
+    "list_variants",
+    "load_pretrained",
+    "variants",
 ]

@@ -86,14 +86,22 @@ def explain_error(message: str) -> str:
 def main(args: list[str] | None = None) -> Any:
     """Entry point of ``python -m lynx_zoo`` and the ``lynx-zoo`` script.
 
-    ``evaluate`` and ``report`` are the evaluation commands (:mod:`lynx_zoo.evaluation.cli`);
-    everything else goes to LightningCLI (``fit``, ``validate``, ``test``, ``predict``).
+    ``evaluate`` and ``report`` are the evaluation commands (:mod:`lynx_zoo.evaluation.cli`); ``export``,
+    ``chat``, ``variants``, ``cards``, ``convert-lynx`` and ``predict --image/--video`` (a question about a file)
+    are the variant commands (:mod:`lynx_zoo.hub.cli`); everything else goes to LightningCLI (``fit``,
+    ``validate``, ``test``, ``predict`` with a DataModule).
     """
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] in EVALUATION_COMMANDS:
         from lynx_zoo.evaluation.cli import run_command
 
         return run_command(argv)
+    from lynx_zoo.hub.cli import is_hub_command
+
+    if is_hub_command(argv):
+        from lynx_zoo.hub.cli import run_command as run_hub_command
+
+        return run_hub_command(argv)
     try:
         return LynxCLI(args=args, exit_on_error=False)
     except ArgumentError as err:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -23,6 +24,7 @@ from lynx_zoo.adapters import AdapterConfig, insert_adapters
 from lynx_zoo.bridge import BridgeConfig, build_bridge
 from lynx_zoo.data.answers import metric_key, normalize_answer
 from lynx_zoo.data.processor import LynxProcessor, PromptConfig, Sample
+from lynx_zoo.generation import ImageLike, VideoLike, generation_settings, image_batch, video_batch
 from lynx_zoo.llm import LLMConfig, build_llm, load_tokenizer
 from lynx_zoo.training.optim import OptimizerConfig, build_optimizer
 from lynx_zoo.vision import VisionConfig, VisionEncoder, resample_vision_pos_embed
@@ -94,6 +96,13 @@ class LynxModel(L.LightningModule):
         if stage == "fit" and self.init_from:
             self.load_weights(self.init_from)
             self.init_from = None  # once: a second fit() must not go back to the starting weights
+
+    def configure_model(self) -> None:
+        """Scale-out hook (after ``setup``, so after ``init_from``): activation checkpointing of the decoder
+        layers and FSDP2 sharding when the strategy asks for them (:mod:`lynx_zoo.training.distributed`)."""
+        from lynx_zoo.training.distributed import configure_lynx_model
+
+        configure_lynx_model(self)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the weights come from this checkpoint: never re-initialise them from `init_from`
@@ -246,27 +255,50 @@ class LynxModel(L.LightningModule):
 
     @torch.no_grad()
     def generate(
-        self, images: list[Any] | torch.Tensor | None, prompts: list[str], **generation_kwargs: Any
+        self,
+        images: Sequence[ImageLike] | torch.Tensor | None = None,
+        prompts: Sequence[str] | str | None = None,
+        *,
+        videos: Sequence[VideoLike] | torch.Tensor | None = None,
+        preset: str | None = None,
+        **generation_kwargs: Any,
     ) -> list[str]:
-        """Answer a batch of (image, instruction) pairs.
+        """Answer a batch of prompts about images, videos, or nothing (text only).
 
-        ``images``: PIL images (transformed here), a tensor batch already transformed, or ``None``;
-        ``generation_kwargs`` go to transformers' ``generate`` (``num_beams``, ``do_sample``,
-        ``max_new_tokens``, ...; the KV cache is on).
+        Args:
+            images: one per prompt: PIL images, image file paths, transformed ``(3, H, W)`` tensors, or a
+                transformed batch ``(B, 3, H, W)``.
+            prompts: the instructions (a single string is a batch of one).
+            videos: one per prompt, instead of ``images``: video files (``vision.num_frames`` frames sampled at
+                segment centres), frame lists, or a transformed batch ``(B, T, 3, H, W)``.
+            preset: named settings from :data:`lynx_zoo.generation.GENERATION_PRESETS` (``lynx``: the released
+                Lynx evaluation, beams 5; ``greedy``); the model's ``eval_generation`` fills the rest.
+            generation_kwargs: transformers ``generate`` arguments (``num_beams``, ``do_sample``,
+                ``max_new_tokens``, ...); they override the preset. The KV cache is on.
         """
-        if images is not None and not isinstance(images, torch.Tensor):
-            images = torch.stack([self.processor.image_transform(image.convert("RGB")) for image in images])
-        if images is not None and len(images) != len(prompts):
-            raise ValueError(f"generate: {len(images)} images for {len(prompts)} prompts")
+        if prompts is None:
+            raise TypeError("generate: `prompts` is required (one instruction per image/video)")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if images is not None and videos is not None:
+            raise ValueError("generate: a batch holds images or videos, not both; call generate once for each")
+        transform = self.processor.image_transform
+        media = None
+        if images is not None:
+            media = image_batch(images, transform)
+        elif videos is not None:
+            media = video_batch(videos, transform, self.vision_config.num_frames)
+        if media is not None and len(media) != len(prompts):
+            kind = "videos" if videos is not None else "images"
+            raise ValueError(f"generate: {len(media)} {kind} for {len(prompts)} prompts")
         batch = self.processor.prompts([Sample(p) for p in prompts])
-        kwargs = {**self.eval_generation, **generation_kwargs}
+        kwargs = generation_settings(preset, self.eval_generation, generation_kwargs)
         was_training = self.training
         self.eval()
         try:
             ids = self.generate_ids(
                 batch["input_ids"].to(self.device),
                 batch["attention_mask"].to(self.device),
-                None if images is None else images.to(self.device),
+                None if media is None else media.to(self.device),
                 **kwargs,
             )
         finally:
