@@ -148,3 +148,9 @@ def test_a_corrupt_member_of_a_shard_is_skipped(tmp_path):
     shard.write_bytes(bytes(data))
     assert source[0].reason == "unreadable_image" and "s00-000.jpg" in source[0].detail
     assert isinstance(source[1], Sample)
+
+
+def test_long_clips_with_sparse_keyframes_seek_without_looping(tmp_path):
+    # 12 s at 10 fps with one keyframe: every seek lands on frame 0, and the targets are > 2 s apart
+    clip = write_clip(tmp_path / "long.mp4", num_frames=120)
+    assert [decoded_index(f) % 20 for f in read_video_frames(clip, 5)] == [i % 20 for i in (12, 36, 60, 84, 108)]

@@ -95,13 +95,17 @@ def _decode_at(container: av.container.InputContainer, stream: av.VideoStream, w
     """Decode the frames at (or first after) each timestamp of ascending ``wanted``."""
     frames: list[Image.Image] = []
     while len(frames) < len(wanted):
-        container.seek(wanted[len(frames)], stream=stream, backward=True, any_frame=False)
+        before_seek = len(frames)
+        container.seek(wanted[before_seek], stream=stream, backward=True, any_frame=False)
         for frame in container.decode(stream):
             if frame.pts is None:
                 continue
             while len(frames) < len(wanted) and frame.pts >= wanted[len(frames)]:
                 frames.append(frame.to_image())
-            if len(frames) == len(wanted) or wanted[len(frames)] - frame.pts > gap:
+            if len(frames) == len(wanted):
+                break
+            # once this seek has paid off, seek again rather than decode through a long gap
+            if len(frames) > before_seek and wanted[len(frames)] - frame.pts > gap:
                 break
         else:
             break  # the stream ended before every wanted frame was seen
