@@ -214,3 +214,16 @@ def test_stop_and_resume_mid_epoch_continues_with_the_next_unseen_batches(make_t
     assert rest.ids == full.ids[3:]  # the rest of epoch 0, then epoch 1: nothing repeated, nothing missed
     for (name, a), b in zip(model.trainable_parameters(), [p for _, p in resumed.trainable_parameters()]):
         torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+
+
+def test_held_out_image_and_video_sources_are_validated_with_per_category_accuracy(make_tiny, mixed_data, tmp_path):
+    held_out = [
+        ImageTextSource(str(mixed_data / "images.jsonl"), name="images_val", task="vqa"),
+        VideoQASource(str(mixed_data / "clips.jsonl"), name="clips_val", task="video_qa"),
+    ]
+    data = mixture(mixed_data, val_sources=held_out, batches_per_epoch=2)
+    run = trainer(tmp_path, max_epochs=1, limit_val_batches=None, num_sanity_val_steps=0)
+    run.fit(make_tiny(CrossAttnLynx), datamodule=data)
+    metrics = run.callback_metrics
+    assert {"val/loss/dataloader_idx_0", "val/loss/dataloader_idx_1"} <= set(metrics)
+    assert 0.0 <= float(metrics["val/acc/all"]) <= 1.0  # the manifests have no categories: one "all" metric
