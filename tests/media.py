@@ -9,11 +9,23 @@ from pathlib import Path
 
 import av
 import numpy as np
+import torch
 from PIL import Image
 from skimage import data as skdata
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
 CODECS = {"mp4": "libx264", "webm": "libvpx", "mkv": "mpeg4", "mpg": "mpeg2video"}
+
+
+def to_tensor(image: Image.Image, size: int = 16) -> torch.Tensor:
+    """A plain stand-in for a model's transform: resize, to a float ``(3, size, size)`` tensor."""
+    return torch.from_numpy(np.asarray(image.convert("RGB").resize((size, size)), dtype=np.float32)).permute(2, 0, 1)
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    """A manifest: one JSON record a line (strings are written as they are: malformed lines for tests)."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
 
 
 def photo(name: str, size: int = 48) -> Image.Image:

@@ -1,7 +1,6 @@
 """The mixture DataModule: ratios, templates, exactly-once shards across ranks and workers, bad input that
 never stops a run, mid-epoch resume, and images + videos + text through PT and CA models."""
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from media import save_photos, write_clip, write_shards
+from media import save_photos, to_tensor, write_clip, write_jsonl, write_shards
 from torch.utils.data import DataLoader
 
 from lynx_zoo import CrossAttnLynx, PrefixLynx
@@ -26,15 +25,6 @@ from lynx_zoo.data import (
 from lynx_zoo.data.mixture import MixtureSchedule, MixtureStream
 from lynx_zoo.data.shapes import shapes_tokenizer
 from lynx_zoo.data.sources import LoadContext
-
-
-def to_tensor(image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image.convert("RGB").resize((8, 8)), dtype=np.float32)).permute(2, 0, 1)
-
-
-def write_jsonl(path: Path, records: list) -> str:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +203,7 @@ def test_stop_and_resume_mid_epoch_continues_with_the_next_unseen_batches(make_t
     assert first.ids == full.ids[:3]
     assert rest.ids == full.ids[3:]  # the rest of epoch 0, then epoch 1: nothing repeated, nothing missed
     for (name, a), b in zip(model.trainable_parameters(), [p for _, p in resumed.trainable_parameters()]):
-        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_held_out_image_and_video_sources_are_validated_with_per_category_accuracy(make_tiny, mixed_data, tmp_path):

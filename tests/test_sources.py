@@ -3,10 +3,8 @@
 import json
 import random
 
-import numpy as np
 import pytest
-import torch
-from media import CODECS, decoded_index, save_photos, write_clip, write_shards
+from media import CODECS, decoded_index, save_photos, to_tensor, write_clip, write_jsonl, write_shards
 
 from lynx_zoo.data import (
     ConversationSource,
@@ -24,18 +22,9 @@ from lynx_zoo.data import (
 from lynx_zoo.data.video import VideoError, read_video_frames, segment_indices
 
 
-def to_tensor(image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image.convert("RGB").resize((16, 16)), dtype=np.float32)).permute(2, 0, 1)
-
-
 def prepared(source, training=False, strict=False, templates=None, num_frames=5):
     source.prepare(LoadContext(to_tensor, templates or InstructionTemplates({}), num_frames, training, strict))
     return source
-
-
-def write_jsonl(path, records):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-    return path
 
 
 def test_image_text_source_reads_real_photographs_for_vqa_and_captions(tmp_path):

@@ -8,6 +8,7 @@ models alike.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader
@@ -15,6 +16,17 @@ from torch.utils.data import DataLoader
 from lynx_zoo.data.processor import LynxProcessor
 from lynx_zoo.data.shapes import write_shapes_vqa
 from lynx_zoo.data.sources import ImageTextSource, LoadContext
+
+
+def attached_model(datamodule: L.LightningDataModule) -> Any:
+    """The lynx_zoo model a DataModule is trained with (its processor and vision settings shape the data)."""
+    model = datamodule.trainer.lightning_module if datamodule.trainer is not None else None
+    if not hasattr(model, "processor"):
+        raise RuntimeError(
+            f"{type(datamodule).__name__} needs a processor: attach it to a lynx_zoo model's trainer "
+            "or set `datamodule.processor = model.processor`"
+        )
+    return model
 
 
 class VQADataModule(L.LightningDataModule):
@@ -51,12 +63,7 @@ class VQADataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.processor is None:
-            if self.trainer is None or not hasattr(self.trainer.lightning_module, "processor"):
-                raise RuntimeError(
-                    "VQADataModule needs a processor: attach it to a lynx_zoo model's trainer "
-                    "or set `datamodule.processor = model.processor`"
-                )
-            self.processor = self.trainer.lightning_module.processor
+            self.processor = attached_model(self).processor
         if stage in (None, "fit") and self.train_set is None:
             self.train_set = self._source(self.train_manifest, training=True)
         if self.val_manifest and self.val_set is None:

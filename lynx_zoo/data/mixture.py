@@ -20,6 +20,7 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from lynx_zoo.data.datamodule import attached_model
 from lynx_zoo.data.processor import LynxProcessor, Sample, Skipped
 from lynx_zoo.data.sources import LoadContext, Source
 from lynx_zoo.data.templates import InstructionTemplates
@@ -214,23 +215,18 @@ class MixtureDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.strict = strict
-        self.processor: LynxProcessor | None = None
+        self.processor: LynxProcessor | None = None  # the model's, or set by hand with ``num_frames``
+        self.num_frames = 5
         self.stream: MixtureStream | None = None
 
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str | None = None) -> None:
         if self.processor is None:
-            module = self.trainer.lightning_module if self.trainer is not None else None
-            if not hasattr(module, "processor"):
-                raise RuntimeError(
-                    "MixtureDataModule needs a processor: attach it to a lynx_zoo model's trainer "
-                    "or set `datamodule.processor = model.processor` (and `datamodule.num_frames`)"
-                )
-            self.processor = module.processor
-            self.num_frames = module.vision_config.num_frames
-        num_frames = getattr(self, "num_frames", 5)
-        train = LoadContext(self.processor.image_transform, self.templates, num_frames, True, self.strict)
-        held_out = LoadContext(self.processor.image_transform, self.templates, num_frames, False, self.strict)
+            model = attached_model(self)
+            self.processor, self.num_frames = model.processor, model.vision_config.num_frames
+        transform, frames = self.processor.image_transform, self.num_frames
+        train = LoadContext(transform, self.templates, frames, True, self.strict)
+        held_out = LoadContext(transform, self.templates, frames, False, self.strict)
         for source in self.sources:
             source.prepare(train)
         for source in self.val_sources:

@@ -211,7 +211,7 @@ class TextSource(ManifestSource):
         return self.sample(index, record, self.instruction(record["instruction"], seed), None)
 
 
-class ConversationSource(Source):
+class ConversationSource(ManifestSource):
     """Multi-turn conversations about an image, LLaVA-style: a JSON list (or JSONL) of
     ``{"id": ..., "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\\n..."},
     {"from": "gpt", "value": "..."}, ...]}``. Every answer is trained on; the ``<image>`` marker is
@@ -219,25 +219,17 @@ class ConversationSource(Source):
 
     kind = "conversation"
 
-    def __init__(
-        self, path: str, root: str | None = None, name: str | None = None, ratio: float = 1.0, task: str = ""
-    ) -> None:
-        super().__init__(name, ratio, task)
-        self.path = Path(path)
-        self.root = Path(root) if root else self.path.parent
-        self.records: list[dict] = []
-
     def prepare(self, context: LoadContext) -> None:
-        super().prepare(context)
+        Source.prepare(self, context)  # not a JSONL manifest of flat records: read here
         if self.records:
             return
-        if not self.path.is_file():
-            raise FileNotFoundError(f"conversations not found: {self.path}")
-        text = self.path.read_text(encoding="utf-8")
+        if not self.manifest.is_file():
+            raise FileNotFoundError(f"conversations not found: {self.manifest}")
+        text = self.manifest.read_text(encoding="utf-8")
         try:
             loaded = json.loads(text) if text.lstrip().startswith("[") else None
         except json.JSONDecodeError as err:
-            raise ManifestError(f"{self.path}: not valid JSON ({err.msg}, line {err.lineno})") from err
+            raise ManifestError(f"{self.manifest}: not valid JSON ({err.msg}, line {err.lineno})") from err
         entries = list(enumerate(loaded, 1)) if loaded is not None else self._json_lines(text)
         for number, record in entries:
             problem = self._problem(record)
@@ -245,7 +237,7 @@ class ConversationSource(Source):
                 self.records.append(record)
                 continue
             reason, detail = problem
-            message = f"{self.path}: record {number}: {detail}"
+            message = f"{self.manifest}: record {number}: {detail}"
             if context.strict or (number == 1 and reason != "empty_answer"):
                 raise ManifestError(
                     f"{message}; expected {{'image': str, 'conversations': [{{'from': 'human'|'gpt', 'value': str}}]}}"
@@ -280,16 +272,13 @@ class ConversationSource(Source):
             return "empty_answer", "an empty answer"
         return None
 
-    def __len__(self) -> int:
-        return len(self.records)
-
     def load(self, index: int, seed: str) -> Sample | Skipped:
         record = self.records[index]
         path = self.root / record["image"]
         try:
             pixels = self.read_image(path)
         except (OSError, ValueError) as err:
-            return self.skip("unreadable_image", f"{self.path}: cannot read image {path}: {err}")
+            return self.skip("unreadable_image", f"{self.manifest}: cannot read image {path}: {err}")
         turns = record["conversations"]
         pairs = [(q["value"].replace("<image>", "").strip(), a["value"]) for q, a in zip(turns[::2], turns[1::2])]
         return Sample(
