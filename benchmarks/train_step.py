@@ -3,8 +3,8 @@ transformers' ``LlavaForConditionalGeneration`` of the same shapes (random weigh
 
 All three train the same thing: a frozen vision tower (196 patch tokens at 224 px), a trainable MLP projector
 and a frozen 8-layer width-512 LLaMA (32,000-token vocabulary), AdamW, on the same batches (``--batch`` samples
-of ``--text`` text tokens, every text token a target). They run in turns in one process (``--rounds`` rounds
-of ``--steps`` steps each, the first ``--warmup`` steps of each turn not counted); the table shows medians.
+of ``--text`` text tokens, every text token a target), interleaved step by step in one process (a Lightning
+step, then a step of each bare loop; the first ``--warmup`` steps not counted); the table shows medians.
 
     python benchmarks/train_step.py            # CPU: a few minutes on 2 cores
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -24,65 +25,51 @@ from torch.utils.data import DataLoader
 from lynx_zoo.data.processor import IGNORE_INDEX
 from lynx_zoo.training.optim import build_optimizer
 
+LIGHTNING, BARE, LLAVA = "lynx_zoo (Lightning Trainer)", "bare PyTorch loop (same model)", "HF LLaVA loop"
 
-class StepTimes(L.Callback):
-    """Wall time between consecutive ends of training batches (everything the loop does for one step)."""
 
-    def __init__(self) -> None:
-        self.ends: list[float] = []
+class Interleave(L.Callback):
+    """After each Lightning step, one step of each bare loop; each timed on its own. A Lightning step is the
+    time from the return of this callback to the end of the next batch: everything the Trainer does for it."""
 
-    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        if not self.ends:
-            self.ends.append(time.perf_counter())
+    def __init__(self, loops: dict[str, Callable[[], None]]) -> None:
+        self.loops = loops
+        self.times: dict[str, list[float]] = {LIGHTNING: [], **{name: [] for name in loops}}
+        self.resumed: float | None = None
 
     def on_train_batch_end(self, *args: Any) -> None:
-        self.ends.append(time.perf_counter())
+        if self.resumed is not None:
+            self.times[LIGHTNING].append(time.perf_counter() - self.resumed)
+        for name, step in self.loops.items():
+            start = time.perf_counter()
+            step()
+            self.times[name].append(time.perf_counter() - start)
+        self.resumed = time.perf_counter()
 
-    def times(self) -> list[float]:
-        return [b - a for a, b in zip(self.ends, self.ends[1:])]
-
-
-def lightning_turn(model: Any, batch: dict[str, torch.Tensor], steps: int) -> list[float]:
-    timer = StepTimes()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        callbacks=[timer],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(model, train_dataloaders=DataLoader([batch] * steps, batch_size=None))
-    return timer.times()
+    def on_train_start(self, *args: Any) -> None:
+        self.resumed = time.perf_counter()
 
 
-def loop_turn(model: Any, batch: dict[str, torch.Tensor], steps: int, config: Any) -> list[float]:
-    """The bare loop: forward, backward, AdamW step, schedule step, zero grads."""
+def loop_step(model: Any, batch: dict[str, torch.Tensor], steps: int, config: Any) -> Callable[[], None]:
+    """One step of the bare loop: forward, backward, AdamW step, schedule step, zero grads."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, steps, config)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        loss = model(**batch).loss
-        loss.backward()
+
+    def step() -> None:
+        model(**batch).loss.backward()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    return times
+
+    return step
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--text", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
 
     lynx, bare = lynx_model(), lynx_model()
@@ -102,21 +89,31 @@ def main() -> None:
     hf_labels = torch.cat([torch.full((args.batch, image_tokens()), IGNORE_INDEX), ids], dim=1)
     hf_batch = {**hf, "pixel_values": images, "labels": hf_labels}
 
-    times: dict[str, list[float]] = {"lynx_zoo (Lightning Trainer)": [], "bare PyTorch loop": [], "HF LLaVA loop": []}
-    for _ in range(args.rounds):
-        turns = (
-            lightning_turn(lynx, batch, args.steps),
-            loop_turn(bare, batch, args.steps, lynx.optimizer_config),
-            loop_turn(llava, hf_batch, args.steps, lynx.optimizer_config),
-        )
-        for name, measured in zip(times, turns):
-            times[name] += measured[args.warmup :]
+    loops = {
+        BARE: loop_step(bare, batch, args.steps, lynx.optimizer_config),
+        LLAVA: loop_step(llava, hf_batch, args.steps, lynx.optimizer_config),
+    }
+    interleave = Interleave(loops)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=args.steps,
+        callbacks=[interleave],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(lynx, train_dataloaders=DataLoader([batch] * args.steps, batch_size=None))
+    times = {name: measured[args.warmup :] for name, measured in interleave.times.items()}
 
     def count(model: Any, trainable: bool | None = None) -> int:
         return sum(p.numel() for p in model.parameters() if trainable is None or p.requires_grad == trainable)
 
-    models = {"lynx_zoo (Lightning Trainer)": lynx, "bare PyTorch loop": bare, "HF LLaVA loop": llava}
-    base = statistics.median(times["bare PyTorch loop"])
+    models = {LIGHTNING: lynx, BARE: bare, LLAVA: llava}
+    base = statistics.median(times[BARE])
     rows = []
     for name, measured in times.items():
         median = statistics.median(measured)
