@@ -130,7 +130,9 @@ def test_activation_checkpointing_recomputes_hooks_inside_and_keeps_gradients(ma
     assert list(checkpointed.state_dict()) == names  # no wrapper module: checkpoints keep their keys
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, 30, (2, 6), generator=g)
-    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), images=torch.randn(2, 3, 32, 32), labels=ids)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding: an explicit attention mask, which a KV cache grown twice would not fit
+    batch = dict(input_ids=ids, attention_mask=mask, images=torch.randn(2, 3, 32, 32), labels=ids)
     reference, calls = grads_and_calls(plain, batch)
     grads, recomputed_calls = grads_and_calls(checkpointed, batch)
     assert reference.keys() == grads.keys()

@@ -194,12 +194,16 @@ class _CheckpointedCall:
     the cross-attention pre-hook, FSDP2's own) is recomputed in the backward pass instead of storing
     activations. FSDP2 knows this composition: in the recomputation its hooks leave the unshard to the
     pre-backward hook. A cross-attention block reads its visual tokens from attributes that are cleared
-    after the forward; the recomputation gets those of the original call back."""
+    after the forward; the recomputation gets those of the original call back. A KV cache is not passed into
+    the region (as transformers' own checkpointing does): a training forward has no use for it."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         call = super().__call__  # type: ignore[misc]
         if not torch.is_grad_enabled():
             return call(*args, **kwargs)
+        if kwargs.get("past_key_values") is not None:
+            # the recomputation would append this layer's keys/values to the cache a second time
+            kwargs = {**kwargs, "past_key_values": None, "use_cache": False}
         block = getattr(self, "gated_xattn", None)
         if block is None:
             return checkpoint(call, *args, use_reentrant=False, **kwargs)
