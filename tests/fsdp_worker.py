@@ -29,14 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import tiny_configs  # noqa: E402
 
 from lynx_zoo import CrossAttnConfig, CrossAttnLynx, PrefixLynx  # noqa: E402
+from lynx_zoo.data.processor import IGNORE_INDEX  # noqa: E402
 from lynx_zoo.training.distributed import LynxFSDP2Strategy, local_parameter_count  # noqa: E402
 
-GLOBAL_BATCH, NUM_SAMPLES, TEXT_LEN, STEPS, STOP_AT = 8, 16, 12, 4, 2
+GLOBAL_BATCH, NUM_SAMPLES, TEXT_LEN, PAD, STEPS, STOP_AT = 8, 16, 12, 3, 4, 2
 
 
 class FixedLengthSet(Dataset):
-    """Random token sequences of one length, every token a target: each rank's mean loss weighs its
-    samples as the single process's mean over the global batch does."""
+    """Random token sequences of one length behind the same left padding, every real token a target: each
+    rank's mean loss weighs its samples as the single process's mean over the global batch does."""
 
     def __init__(self, vocab: int, image_size: int) -> None:
         g = torch.Generator().manual_seed(1)
@@ -48,12 +49,10 @@ class FixedLengthSet(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids = self.ids[i]
-        return {
-            "input_ids": ids,
-            "attention_mask": torch.ones_like(ids),
-            "labels": ids.clone(),
-            "images": self.images[i],
-        }
+        mask = torch.ones_like(ids)
+        mask[:PAD] = 0
+        labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "images": self.images[i]}
 
 
 class FixedLengthData(L.LightningDataModule):
