@@ -21,6 +21,8 @@ from lynx_zoo.training.distributed import (
     configure_lynx_model,
     fsdp1_auto_wrap_policy,
     sharding_units,
+    surviving_checkpoint,
+    swap_in_folder,
 )
 
 TESTS = Path(__file__).resolve().parent
@@ -179,3 +181,17 @@ def test_fsdp1_policy_wraps_layers_adapters_and_blocks_on_their_own(make_tiny):
     assert "vision.model.blocks.0" in wrapped and "bridge.layers.0" in wrapped
     assert "llm.model.embed_tokens" not in wrapped and "" not in wrapped
     assert fsdp1_auto_wrap_policy(model, True, 0)  # always recurse
+
+
+def test_sharded_folders_are_swapped_in_whole(tmp_path):
+    path, staging = tmp_path / "last.ckpt", tmp_path / ".last.ckpt.saving"
+    for step in (1, 2):
+        staging.mkdir()
+        (staging / "shard").write_text(str(step))
+        swap_in_folder(staging, path)
+        assert (path / "shard").read_text() == str(step) and not staging.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    # killed between the two renames: the previous checkpoint is what a resume finds
+    path.rename(tmp_path / ".last.ckpt.old")
+    assert (surviving_checkpoint(path) / "shard").read_text() == "2"
+    assert surviving_checkpoint(tmp_path / "other.ckpt") == tmp_path / "other.ckpt"

@@ -14,8 +14,11 @@ Everything here is torch.distributed + Lightning; nothing launches processes or 
 from __future__ import annotations
 
 import functools
+import os
+import shutil
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -55,8 +58,8 @@ class LynxFSDP2Strategy(ModelParallelStrategy):
         reshard_after_forward: free each unit's gathered parameters after its forward (ZeRO-3); ``false``
             keeps them until the backward (ZeRO-2-like: less communication, more memory).
         activation_checkpointing: recompute the LLM's decoder layers in the backward pass.
-        save_distributed_checkpoint: each rank writes its own shard (a checkpoint folder); ``false``
-            gathers one full checkpoint file on rank 0.
+        save_distributed_checkpoint: each rank writes its own shard (a checkpoint folder, staged and swapped
+            in whole); ``false`` gathers one full checkpoint file on rank 0 (written by the ``CheckpointIO``).
     """
 
     def __init__(
@@ -95,6 +98,44 @@ class LynxFSDP2Strategy(ModelParallelStrategy):
             # Lightning's "auto" is one data-parallel group per node; here every process shards
             self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """A sharded checkpoint is written to a staging folder beside its target, then swapped in
+        (:func:`swap_in_folder`): a save killed midway never leaves a half-written folder under the name."""
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(filepath))
+        staging = path.with_name(f".{path.name}.saving")
+        if self.global_rank == 0 and staging.exists():
+            shutil.rmtree(staging)  # left by an earlier killed save
+        self.barrier()
+        super().save_checkpoint(checkpoint, staging, storage_options)
+        self.barrier()
+        if self.global_rank == 0:
+            swap_in_folder(staging, path)
+        self.barrier()
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        return super().load_checkpoint(surviving_checkpoint(Path(checkpoint_path)), weights_only)
+
+
+def swap_in_folder(staging: Path, path: Path) -> None:
+    """Replace the folder ``path`` by the complete folder ``staging``: the old one is first renamed to
+    ``.<name>.old``, so that at every instant one complete checkpoint exists (see :func:`surviving_checkpoint`)."""
+    old = path.with_name(f".{path.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(staging, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def surviving_checkpoint(path: Path) -> Path:
+    """``path``, or the previous checkpoint kept as ``.<name>.old`` if a save was killed between the two
+    renames of :func:`swap_in_folder`."""
+    old = path.with_name(f".{path.name}.old")
+    return old if not path.exists() and old.exists() else path
 
 
 # ---------------------------------------------------------------------------------------------- sharding
