@@ -183,25 +183,26 @@ def test_strict_mode_names_the_file(make_tiny, mixed_data, tmp_path):
         trainer(tmp_path, max_steps=1).fit(make_tiny(), datamodule=mixture(mixed_data, strict=True))
 
 
-def test_stop_and_resume_mid_epoch_continues_with_the_next_unseen_batches(make_tiny, mixed_data, tmp_path):
+@pytest.mark.parametrize("stop", [3, 5], ids=["mid-epoch", "at-the-epoch-end"])
+def test_stop_and_resume_continues_with_the_next_unseen_batches(make_tiny, mixed_data, tmp_path, stop):
     full, first, rest = Recorder(), Recorder(), Recorder()
     model = make_tiny()
     trainer(tmp_path / "full", max_steps=8, callbacks=[full]).fit(
         model, datamodule=mixture(mixed_data, batches_per_epoch=5, num_workers=2)
     )
-    every_3 = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1, filename="{step}")
-    # the same run (max_steps=8: the same LR schedule), stopped after step 3
-    trainer(tmp_path / "a", max_steps=8, callbacks=[first, every_3, StopAt(3)], enable_checkpointing=True).fit(
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=stop, filename="{step}")
+    # the same run (max_steps=8: the same LR schedule), stopped after step `stop` (epochs have 5 batches)
+    trainer(tmp_path / "a", max_steps=8, callbacks=[first, checkpoint, StopAt(stop)], enable_checkpointing=True).fit(
         make_tiny(), datamodule=mixture(mixed_data, batches_per_epoch=5, num_workers=2)
     )
     resumed = make_tiny()
     trainer(tmp_path / "b", max_steps=8, callbacks=[rest]).fit(
         resumed,
         datamodule=mixture(mixed_data, batches_per_epoch=5, num_workers=2),
-        ckpt_path=tmp_path / "ckpt" / "step=3.ckpt",
+        ckpt_path=tmp_path / "ckpt" / f"step={stop}.ckpt",
     )
-    assert first.ids == full.ids[:3]
-    assert rest.ids == full.ids[3:]  # the rest of epoch 0, then epoch 1: nothing repeated, nothing missed
+    assert first.ids == full.ids[:stop]
+    assert rest.ids == full.ids[stop:]  # the rest of epoch 0 (if any), then epoch 1: nothing repeated or missed
     for (name, a), b in zip(model.trainable_parameters(), [p for _, p in resumed.trainable_parameters()]):
         torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
 

@@ -127,24 +127,21 @@ class MixtureStream(IterableDataset):
 
 
 class MixtureLoader(DataLoader):
-    """The training DataLoader of :class:`MixtureDataModule`. Each ``iter()`` is one epoch: it tells the
-    workers which (the trainer's epoch, or a count of iterations without a trainer) and, right after a
-    resume, how many of its batches were already trained on. Lightning saves its ``state_dict`` in
-    checkpoints and restores it before iterating (the resumable-dataloader protocol)."""
+    """The training DataLoader of :class:`MixtureDataModule`. Each ``iter()`` is the next epoch of the
+    mixture (its own count: Lightning's epoch counter can skip one when a run resumes at an epoch's
+    end); right after a resume it starts with the first batch not yet trained on. Lightning saves its
+    ``state_dict`` in checkpoints and restores it before iterating (the resumable-dataloader protocol)."""
 
     def __init__(self, stream: MixtureStream, datamodule: MixtureDataModule, **kwargs: Any) -> None:
         super().__init__(stream, batch_size=None, **kwargs)
         self.datamodule = datamodule
-        self.iterations = 0
-        self.resume_at: tuple[int, int] | None = None  # (epoch, batches done)
+        self.next_epoch = 0
+        self.next_start = 0
 
     def __iter__(self) -> Any:
         stream: MixtureStream = self.dataset  # type: ignore[assignment]
-        trainer = self.datamodule.trainer
-        stream.epoch = trainer.current_epoch if trainer is not None else self.iterations
-        stream.start = self.resume_at[1] if self.resume_at and self.resume_at[0] == stream.epoch else 0
-        self.resume_at = None
-        self.iterations += 1
+        stream.epoch, stream.start = self.next_epoch, self.next_start
+        self.next_epoch, self.next_start = stream.epoch + 1, 0
         return super().__iter__()
 
     def state_dict(self) -> dict[str, Any]:
@@ -169,7 +166,9 @@ class MixtureLoader(DataLoader):
                 seed,
                 state["seed"],
             )
-        self.resume_at = (state["epoch"], state["batches_done"])
+        finished = state["batches_done"] >= len(self)
+        self.next_epoch = state["epoch"] + 1 if finished else state["epoch"]
+        self.next_start = 0 if finished else state["batches_done"]
 
 
 class MixtureDataModule(L.LightningDataModule):

@@ -195,7 +195,9 @@ class LynxModel(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         for key in ("skipped", "truncated"):
             value = float(batch.get(f"num_{key}", 0))
-            self.log(f"data/{key}", value, reduce_fx="sum", on_step=False, on_epoch=True, batch_size=size)
+            self.log(
+                f"data/{key}", value, reduce_fx="sum", on_step=False, on_epoch=True, batch_size=size, sync_dist=True
+            )
         return loss
 
     def on_train_epoch_end(self) -> None:
