@@ -218,3 +218,26 @@ def test_held_out_image_and_video_sources_are_validated_with_per_category_accura
     metrics = run.callback_metrics
     assert {"val/loss/dataloader_idx_0", "val/loss/dataloader_idx_1"} <= set(metrics)
     assert 0.0 <= float(metrics["val/acc/all"]) <= 1.0  # the manifests have no categories: one "all" metric
+
+
+class IdsToFile(Callback):
+    """Appends each training batch's sample ids to ``folder/rank<R>.txt`` (survives spawned processes)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        with (self.folder / f"rank{trainer.global_rank}.txt").open("a") as out:
+            out.write("".join(f"{key}\n" for key in batch["ids"]))
+
+
+def test_a_ddp_run_on_2_ranks_with_2_workers_each_reads_every_shard_sample_once(make_tiny, tmp_path):
+    keys = write_shards(tmp_path / "shards", num_shards=8, per_shard=6, size=16)
+    source = ShardSource(str(tmp_path / "shards" / "*.tar"), name="pairs")
+    data = MixtureDataModule([source], batch_size=4, num_workers=2, seed=5)  # 48 pairs: 6 batches per rank
+    run = trainer(tmp_path, max_epochs=1, strategy="ddp_spawn", devices=2, callbacks=[IdsToFile(tmp_path)])
+    run.fit(make_tiny(), datamodule=data)
+    per_rank = [(tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1)]
+    assert len(per_rank[0]) == len(per_rank[1]) == 24
+    seen = per_rank[0] + per_rank[1]
+    assert sorted(seen) == sorted(keys) and len(set(seen)) == 48
