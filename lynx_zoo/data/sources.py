@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 from lynx_zoo.data.manifest import ManifestError, read_manifest
 from lynx_zoo.data.processor import Sample, Skipped
 from lynx_zoo.data.templates import InstructionTemplates
-from lynx_zoo.data.video import VideoError, read_video_frames
+from lynx_zoo.data.video import read_video_frames
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,25 @@ class ManifestSource(Source):
         return sorted({str(r.get("category") or "") for r in self.records})
 
 
-class ImageTextSource(ManifestSource):
+class MediaSource(ManifestSource):
+    """A manifest source whose records name a media file (``media_field``) read by :meth:`read_media`."""
+
+    media_field: ClassVar[str] = "image"
+
+    def read_media(self, path: Path, seed: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def load(self, index: int, seed: str) -> Sample | Skipped:
+        record = self.records[index]
+        path = self.root / record[self.media_field]
+        try:
+            media = self.read_media(path, seed)
+        except (OSError, ValueError) as err:  # a VideoError is an OSError
+            return self.skip(f"unreadable_{self.media_field}", f"{self.manifest}: cannot read {path}: {err}")
+        return self.sample(index, record, self.instruction(str(record.get("question") or ""), seed), media)
+
+
+class ImageTextSource(MediaSource):
     """Captioning or visual QA: ``{"image": "a.jpg", "question": "...", "answer": "...", "category": ...}``.
 
     ``question`` is optional (captioning manifests have none: the task's template is the instruction);
@@ -172,32 +190,21 @@ class ImageTextSource(ManifestSource):
     kind = "image_text"
     required = ("image", "answer")
 
-    def load(self, index: int, seed: str) -> Sample | Skipped:
-        record = self.records[index]
-        path = self.root / record["image"]
-        try:
-            pixels = self.read_image(path)
-        except (OSError, ValueError) as err:
-            return self.skip("unreadable_image", f"{self.manifest}: cannot read image {path}: {err}")
-        return self.sample(index, record, self.instruction(str(record.get("question") or ""), seed), pixels)
+    def read_media(self, path: Path, seed: str) -> torch.Tensor:
+        return self.read_image(path)
 
 
-class VideoQASource(ManifestSource):
+class VideoQASource(MediaSource):
     """Questions about videos: ``{"video": "clip.mp4", "question": "...", "answer": "..."}`` (any container
     PyAV reads; ``num_frames`` frames by segment: random within segments for training, centres for evaluation)."""
 
     kind = "video_qa"
     required = ("video", "answer")
+    media_field = "video"
 
-    def load(self, index: int, seed: str) -> Sample | Skipped:
-        record = self.records[index]
-        path = self.root / record["video"]
-        try:
-            frames = read_video_frames(path, self.ctx.num_frames, self.ctx.training, random.Random(f"{seed}/frames"))
-            clip = torch.stack([self.ctx.transform(frame) for frame in frames])
-        except (VideoError, ValueError) as err:
-            return self.skip("unreadable_video", f"{self.manifest}: {err}")
-        return self.sample(index, record, self.instruction(str(record.get("question") or ""), seed), clip)
+    def read_media(self, path: Path, seed: str) -> torch.Tensor:
+        frames = read_video_frames(path, self.ctx.num_frames, self.ctx.training, random.Random(f"{seed}/frames"))
+        return torch.stack([self.ctx.transform(frame) for frame in frames])
 
 
 class TextSource(ManifestSource):
