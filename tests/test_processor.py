@@ -102,3 +102,12 @@ def test_prompts_for_generation_have_no_answer():
     batch = proc.prompts([Sample("WHAT color is the circle?")])
     assert "labels" not in batch
     assert proc.tokenizer.convert_ids_to_tokens(batch["input_ids"][0])[-2:] == ["bot", ":"]
+
+
+def test_prompts_for_generation_keep_the_earlier_turns_of_a_conversation():
+    proc = processor()
+    chat = Sample("what shape is the object?", history=[("what color is the circle?", "red")])
+    words = proc.tokenizer.convert_ids_to_tokens(proc.prompts([chat])["input_ids"][0])
+    assert words[:13] == ["<s>", "user", ":", "what", "color", "is", "the", "circle", "?", "bot", ":", "red", "</s>"]
+    assert words[-2:] == ["bot", ":"] and "circle" not in words[13:]
+    assert proc([Sample("what color?", "red", history=[("how many?", "one")])])["histories"] == [[("how many?", "one")]]

@@ -182,5 +182,6 @@ class LynxProcessor:
             "answers": [s.answer for s in samples],
             "categories": [s.category for s in samples],
             "ids": [s.id for s in samples],
+            "histories": [s.history for s in samples],
             "sources": [s.source for s in samples],
         }

@@ -226,7 +226,8 @@ class LynxModel(L.LightningModule):
         if size == 0:
             return
         self.log("val/loss", self._step_loss(batch), prog_bar=True, batch_size=size, sync_dist=True)
-        samples = [Sample(q, image=None) for q in batch["instructions"]]
+        histories = batch.get("histories") or [[] for _ in batch["instructions"]]
+        samples = [Sample(q, history=h) for q, h in zip(batch["instructions"], histories)]
         prompts = self.processor.prompts(samples)
         predictions = self.decode(
             self.generate_ids(
