@@ -143,3 +143,22 @@ def test_long_clips_with_sparse_keyframes_seek_without_looping(tmp_path):
     # 12 s at 10 fps with one keyframe: every seek lands on frame 0, and the targets are > 2 s apart
     clip = write_clip(tmp_path / "long.mp4", num_frames=120)
     assert [decoded_index(f) % 20 for f in read_video_frames(clip, 5)] == [i % 20 for i in (12, 36, 60, 84, 108)]
+
+
+def test_the_shard_index_is_cached_beside_the_shard_and_renewed_when_it_changes(tmp_path, monkeypatch):
+    keys = write_shards(tmp_path, num_shards=2, per_shard=3)
+    first = prepared(ShardSource(str(tmp_path / "pairs-*.tar")))
+    assert sorted(p.name for p in tmp_path.glob("*.index.json")) == [
+        "pairs-000000.tar.index.json",
+        "pairs-000001.tar.index.json",
+    ]
+
+    def no_tar(*args, **kwargs):
+        raise AssertionError("the headers were read again")
+
+    monkeypatch.setattr("lynx_zoo.data.sources.tarfile.open", no_tar)
+    second = prepared(ShardSource(str(tmp_path / "pairs-*.tar")))
+    assert [s.keys for s in second.shards] == [s.keys for s in first.shards] and second[4].id == keys[4]
+    monkeypatch.undo()
+    write_shards(tmp_path, num_shards=1, per_shard=5)  # shard 0 rewritten: its cached index is stale
+    assert len(prepared(ShardSource(str(tmp_path / "pairs-*.tar")))) == 5 + 3

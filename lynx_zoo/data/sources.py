@@ -20,6 +20,7 @@ import glob
 import io
 import json
 import logging
+import os
 import random
 import re
 import tarfile
@@ -399,20 +400,29 @@ def _expand(pattern: str) -> list[Path]:
 
 
 def _index_shard(path: Path, skipped: Counter, strict: bool) -> _Shard:
-    """Keys and member byte ranges of a tar shard, from its headers (the data is not read)."""
-    grouped: dict[str, dict[str, tuple[int, int]]] = {}
-    try:
-        with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile() or "." not in Path(member.name).name:
-                    continue
-                key, _, ext = member.name.partition(".")
-                grouped.setdefault(key, {})[ext.lower()] = (member.offset_data, member.size)
-    except (OSError, tarfile.TarError) as err:
-        if strict:
-            raise DataError(f"{path}: unreadable tar shard: {err}") from err
-        log.warning("shard %s: read its index up to an error: %s", path, err)
-        skipped["unreadable_shard"] += 1
+    """Keys and member byte ranges of a tar shard, from its headers (the data is not read).
+
+    The index is cached beside the shard (``<shard>.index.json``, tied to its size and mtime) when that
+    folder is writable, so later runs and other ranks do not walk the headers again.
+    """
+    cache = path.with_name(path.name + ".index.json")
+    grouped = _cached_index(path, cache)
+    if grouped is None:
+        grouped = {}
+        try:
+            with tarfile.open(path, mode="r:") as tar:
+                for member in tar:
+                    if not member.isfile() or "." not in Path(member.name).name:
+                        continue
+                    key, _, ext = member.name.partition(".")
+                    grouped.setdefault(key, {})[ext.lower()] = (member.offset_data, member.size)
+        except (OSError, tarfile.TarError) as err:
+            if strict:
+                raise DataError(f"{path}: unreadable tar shard: {err}") from err
+            log.warning("shard %s: read its index up to an error: %s", path, err)
+            skipped["unreadable_shard"] += 1
+        else:
+            _write_index(path, cache, grouped)
     keys, members = [], []
     for key, exts in grouped.items():
         if any(e in exts for e in IMAGE_EXTENSIONS) and ("json" in exts or "txt" in exts):
@@ -423,6 +433,32 @@ def _index_shard(path: Path, skipped: Counter, strict: bool) -> _Shard:
                 raise DataError(f"{path}: sample {key!r} lacks an image or a json/txt member: {sorted(exts)}")
             skipped["incomplete_sample"] += 1
     return _Shard(path, keys, members)
+
+
+def _shard_stamp(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _cached_index(path: Path, cache: Path) -> dict[str, dict[str, tuple[int, int]]] | None:
+    """The cached index of ``path`` if it was written for this very file (same size and mtime)."""
+    try:
+        saved = json.loads(cache.read_text(encoding="utf-8"))
+        if saved.get("stamp") == _shard_stamp(path):
+            return {key: {ext: tuple(at) for ext, at in exts.items()} for key, exts in saved["members"].items()}
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass  # no cache, an unreadable one, or one for another file: index the shard again
+    return None
+
+
+def _write_index(path: Path, cache: Path, grouped: dict[str, dict[str, tuple[int, int]]]) -> None:
+    temporary = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(json.dumps({"stamp": _shard_stamp(path), "members": grouped}), encoding="utf-8")
+        os.replace(temporary, cache)
+    except OSError as err:  # a read-only data folder: index again next time
+        log.debug("shard %s: no index cache written: %s", path, err)
+        temporary.unlink(missing_ok=True)
 
 
 def _read_at(file: io.BufferedReader, offset: int, size: int) -> bytes:
