@@ -241,3 +241,15 @@ def test_a_ddp_run_on_2_ranks_with_2_workers_each_reads_every_shard_sample_once(
     assert len(per_rank[0]) == len(per_rank[1]) == 24
     seen = per_rank[0] + per_rank[1]
     assert sorted(seen) == sorted(keys) and len(set(seen)) == 48
+
+
+def test_reloaded_dataloaders_go_on_to_the_next_epoch_of_the_mixture(make_tiny, mixed_data, tmp_path):
+    plain, reloaded = Recorder(), Recorder()
+    trainer(tmp_path / "a", max_epochs=3, callbacks=[plain]).fit(
+        make_tiny(), datamodule=mixture(mixed_data, batches_per_epoch=2)
+    )
+    trainer(tmp_path / "b", max_epochs=3, callbacks=[reloaded], reload_dataloaders_every_n_epochs=1).fit(
+        make_tiny(), datamodule=mixture(mixed_data, batches_per_epoch=2)
+    )
+    assert reloaded.ids == plain.ids and len(plain.ids) == 6
+    assert plain.ids[0:2] != plain.ids[2:4] != plain.ids[4:6]  # three different epochs, not one repeated

@@ -127,21 +127,25 @@ class MixtureStream(IterableDataset):
 
 
 class MixtureLoader(DataLoader):
-    """The training DataLoader of :class:`MixtureDataModule`. Each ``iter()`` is the next epoch of the
-    mixture (its own count: Lightning's epoch counter can skip one when a run resumes at an epoch's
-    end); right after a resume it starts with the first batch not yet trained on. Lightning saves its
-    ``state_dict`` in checkpoints and restores it before iterating (the resumable-dataloader protocol)."""
+    """The training DataLoader of :class:`MixtureDataModule`. Each epoch of the trainer is the next epoch of the
+    mixture: the count lives in the DataModule, so it survives reloaded dataloaders, and a second ``iter()`` in
+    the same trainer epoch repeats the same epoch (Lightning's own epoch counter can skip one when a run
+    resumes at an epoch's end). Right after a resume it starts with the first batch not yet trained on.
+    Lightning saves its ``state_dict`` in checkpoints and restores it before iterating."""
 
     def __init__(self, stream: MixtureStream, datamodule: MixtureDataModule, **kwargs: Any) -> None:
         super().__init__(stream, batch_size=None, **kwargs)
         self.datamodule = datamodule
-        self.next_epoch = 0
-        self.next_start = 0
 
     def __iter__(self) -> Any:
         stream: MixtureStream = self.dataset  # type: ignore[assignment]
-        stream.epoch, stream.start = self.next_epoch, self.next_start
-        self.next_epoch, self.next_start = stream.epoch + 1, 0
+        position = self.datamodule.position
+        trainer = self.datamodule.trainer
+        trainer_epoch = (id(trainer), trainer.current_epoch) if trainer is not None else None
+        if trainer_epoch is None or trainer_epoch != position.get("trainer_epoch"):
+            position.update(epoch=position["next_epoch"], start=position["next_start"], trainer_epoch=trainer_epoch)
+            position.update(next_epoch=position["epoch"] + 1, next_start=0)
+        stream.epoch, stream.start = position["epoch"], position["start"]
         return super().__iter__()
 
     def state_dict(self) -> dict[str, Any]:
@@ -155,20 +159,27 @@ class MixtureLoader(DataLoader):
             "epoch": stream.epoch,
             "batches_done": done,
             "seed": schedule.seed,
+            "batch_size": schedule.batch_size,
+            "world_size": schedule.world_size,
+            "batches_per_epoch": schedule.batches_per_epoch,
             "positions_at_epoch_start": {s.name: p for s, p in zip(schedule.sources, positions)},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        seed = self.dataset.schedule.seed  # type: ignore[attr-defined]
-        if state["seed"] != seed:
+        schedule = self.dataset.schedule  # type: ignore[attr-defined]
+        now = {"seed": schedule.seed, "batch_size": schedule.batch_size, "world_size": schedule.world_size,
+               "batches_per_epoch": schedule.batches_per_epoch}  # fmt: skip
+        changed = {k: (state[k], v) for k, v in now.items() if k in state and state[k] != v}
+        if changed:
             log.warning(
-                "resuming with mixture seed %s where the checkpoint used %s: the data order changes",
-                seed,
-                state["seed"],
+                "resuming the data mixture with other settings than the checkpoint's (%s: (then, now)): the "
+                "schedule differs, so some samples will be repeated or skipped",
+                changed,
             )
         finished = state["batches_done"] >= len(self)
-        self.next_epoch = state["epoch"] + 1 if finished else state["epoch"]
-        self.next_start = 0 if finished else state["batches_done"]
+        position = self.datamodule.position
+        position.update(trainer_epoch=None, next_start=0 if finished else state["batches_done"])
+        position["next_epoch"] = state["epoch"] + 1 if finished else state["epoch"]
 
 
 class MixtureDataModule(L.LightningDataModule):
@@ -217,6 +228,8 @@ class MixtureDataModule(L.LightningDataModule):
         self.processor: LynxProcessor | None = None  # the model's, or set by hand with ``num_frames``
         self.num_frames = 5
         self.stream: MixtureStream | None = None
+        # where the training loader stands: this epoch of the mixture and its first batch, and the next
+        self.position: dict[str, Any] = {"next_epoch": 0, "next_start": 0, "trainer_epoch": None}
 
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str | None = None) -> None:
