@@ -84,7 +84,7 @@ def test_gradients_reach_only_the_configured_parts(make_tiny, llm_trainable, pre
     for name, param in model.named_parameters():
         expected = name.startswith(prefixes)
         assert param.requires_grad == expected, name
-        assert (param.grad is not None) == expected, name
+        assert (param.grad is not None) == (expected and name != "frame_position"), name  # no video here
 
 
 def test_generation_with_greedy_and_beams(make_tiny):

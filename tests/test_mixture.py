@@ -253,3 +253,12 @@ def test_reloaded_dataloaders_go_on_to_the_next_epoch_of_the_mixture(make_tiny, 
     )
     assert reloaded.ids == plain.ids and len(plain.ids) == 6
     assert plain.ids[0:2] != plain.ids[2:4] != plain.ids[4:6]  # three different epochs, not one repeated
+
+
+@pytest.mark.parametrize("fusion", [PrefixLynx, CrossAttnLynx])
+def test_ddp_trains_on_text_only_image_and_video_batches_alike(make_tiny, mixed_data, tmp_path, fusion):
+    # DDP (find_unused_parameters off) wants a gradient for every trainable parameter at every step
+    recorder = Recorder()
+    run = trainer(tmp_path, max_steps=6, strategy="ddp", devices=1, callbacks=[recorder])
+    run.fit(make_tiny(fusion), datamodule=mixture(mixed_data, batches_per_epoch=6))
+    assert {"images", "clips", "text"} <= set(recorder.sources)

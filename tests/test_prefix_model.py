@@ -49,8 +49,8 @@ def test_gradients_reach_exactly_the_trainable_parameters(make_tiny, overrides, 
     for name, param in model.named_parameters():
         expected = any(name.startswith(p) for p in trainable_prefixes)
         assert param.requires_grad == expected, name
-        if name == "frame_position":  # video only: an image batch gives it an exact zero (for DDP)
-            assert param.grad is not None and param.grad.abs().sum() == 0
+        if name == "frame_position":  # videos only: an image batch leaves it out
+            assert param.grad is None
         elif expected:
             assert param.grad is not None and param.grad.abs().sum() > 0, f"no gradient reached {name}"
         else:

@@ -168,10 +168,6 @@ class LynxModel(L.LightningModule):
             tokens = self.vision(images.flatten(0, 1) if video else images)
         if video:
             tokens = (tokens.unflatten(0, images.shape[:2]) + self.frame_position).flatten(1, 2)
-        elif self.training and self.frame_position.requires_grad:
-            # image batches leave the frame embedding unused; a zero term keeps DDP's gradient
-            # reduction (which expects every trainable parameter) identical for image and video steps
-            tokens = tokens + 0.0 * self.frame_position.sum()
         return self.bridge(tokens).to(self.llm.dtype)
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -193,12 +189,21 @@ class LynxModel(L.LightningModule):
             return None
         loss = self._step_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        loss = loss + 0.0 * sum(p.sum() for p in self.unused_parameters(batch.get("images")))
         for key in ("skipped", "truncated"):
             value = float(batch.get(f"num_{key}", 0))
             self.log(
                 f"data/{key}", value, reduce_fx="sum", on_step=False, on_epoch=True, batch_size=size, sync_dist=True
             )
         return loss
+
+    def unused_parameters(self, images: torch.Tensor | None) -> list[nn.Parameter]:
+        """Trainable parameters a batch leaves out: the frame embedding without videos; the vision side, the
+        bridge and the cross-attention blocks without any media (text-only data). The training loss adds them
+        times 0: DDP expects a gradient for every trainable parameter at every step, and gets an exact zero."""
+        if images is None:
+            return [p for n, p in self.trainable_parameters() if not n.startswith("llm.") or ".gated_xattn." in n]
+        return [self.frame_position] if images.dim() == 4 and self.frame_position.requires_grad else []
 
     def on_train_epoch_end(self) -> None:
         """Sum the epoch's skipped samples over ranks; log and summarise them by source and reason."""
