@@ -169,7 +169,8 @@ def test_bf16_frozen_llm_with_fp32_trainable_parts(make_tiny, fusion):
     out = model(batch["input_ids"], batch["attention_mask"], batch["images"], batch["labels"])
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
     out.loss.backward()
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable.values())
+    reached = {n: p for n, p in trainable.items() if n != "frame_position"}  # videos only
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in reached.values())
 
 
 @pytest.mark.parametrize("fusion", ["PrefixLynx", "CrossAttnLynx"])
