@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
@@ -189,7 +190,8 @@ class LynxModel(L.LightningModule):
             return None
         loss = self._step_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        loss = loss + 0.0 * sum(p.sum() for p in self.unused_parameters(batch.get("images")))
+        if self._trainer is not None and isinstance(self._trainer.strategy, DDPStrategy):
+            loss = loss + 0.0 * sum(p.sum() for p in self.unused_parameters(batch.get("images")))
         for key in ("skipped", "truncated"):
             value = float(batch.get(f"num_{key}", 0))
             self.log(
@@ -200,7 +202,7 @@ class LynxModel(L.LightningModule):
     def unused_parameters(self, images: torch.Tensor | None) -> list[nn.Parameter]:
         """Trainable parameters a batch leaves out: the frame embedding without videos; the vision side, the
         bridge and the cross-attention blocks without any media (text-only data). The training loss adds them
-        times 0: DDP expects a gradient for every trainable parameter at every step, and gets an exact zero."""
+        times 0 under DDP, which expects a gradient for every trainable parameter at every step (FSDP does not)."""
         if images is None:
             return [p for n, p in self.trainable_parameters() if not n.startswith("llm.") or ".gated_xattn." in n]
         return [self.frame_position] if images.dim() == 4 and self.frame_position.requires_grad else []
