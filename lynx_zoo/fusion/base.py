@@ -199,6 +199,14 @@ class LynxModel(L.LightningModule):
             )
         return loss
 
+    def on_after_backward(self) -> None:
+        """Trainable parameters the step left out get an exact zero gradient, as DDP's anchor gives them, so
+        every strategy updates alike and the optimizer keeps state for every trainable parameter (which a
+        sharded checkpoint expects when a run resumes)."""
+        for _, param in self.trainable_parameters():
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+
     def unused_parameters(self, images: torch.Tensor | None) -> list[nn.Parameter]:
         """Trainable parameters a batch leaves out: the frame embedding without videos; the vision side, the
         bridge and the cross-attention blocks without any media (text-only data). The training loss adds them
