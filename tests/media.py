@@ -14,7 +14,7 @@ from PIL import Image
 from skimage import data as skdata
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
-CODECS = {"mp4": "libx264", "webm": "libvpx", "mkv": "mpeg4", "mpg": "mpeg2video"}
+CODECS = {"mp4": "libx264", "webm": "libvpx", "mkv": "mpeg4", "mpg": "mpeg2video", "ts": "libx264", "avi": "mpeg4"}
 
 
 def to_tensor(image: Image.Image, size: int = 16) -> torch.Tensor:

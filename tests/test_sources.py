@@ -162,3 +162,8 @@ def test_the_shard_index_is_cached_beside_the_shard_and_renewed_when_it_changes(
     monkeypatch.undo()
     write_shards(tmp_path, num_shards=1, per_shard=5)  # shard 0 rewritten: its cached index is stale
     assert len(prepared(ShardSource(str(tmp_path / "pairs-*.tar")))) == 5 + 3
+
+
+def test_training_segments_do_not_overlap_when_the_clip_has_enough_frames():
+    rng = random.Random(0)
+    assert all(len(set(segment_indices(7, 5, training=True, rng=rng))) == 5 for _ in range(200))

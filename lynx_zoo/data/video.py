@@ -3,7 +3,8 @@
 Lynx samples a fixed number of frames per clip (5): the clip is cut into equal segments and one
 frame is taken from each, a random one for training and the segment's centre for evaluation (so
 evaluation is deterministic). Frame positions come from the packets' timestamps (no decoding), then
-only the chosen frames are decoded, seeking forward over long gaps.
+only the chosen frames are decoded, seeking forward over long gaps; where a container seeks
+imprecisely (a seek lands after its target), the stream is decoded from its start instead.
 """
 
 from __future__ import annotations
@@ -28,20 +29,21 @@ class VideoError(OSError):
 def segment_indices(num_available: int, num_frames: int, training: bool, rng: random.Random | None = None) -> list[int]:
     """Indices of ``num_frames`` frames out of ``num_available``, one per equal segment, in order.
 
-    Training: a random frame within each segment; evaluation: each segment's centre. A clip shorter
-    than ``num_frames`` repeats frames (the order is kept).
+    Training: a random frame within each segment; evaluation: each segment's centre. Only a clip with
+    fewer frames than ``num_frames`` repeats frames (the order is kept).
     """
     if num_available < 1 or num_frames < 1:
         raise ValueError(f"segment_indices: need frames to sample from, got {num_available} for {num_frames}")
     rng = rng or random.Random()
+    # segment boundaries in whole frames: disjoint segments whenever there are enough frames
+    edges = [round(num_available * k / num_frames) for k in range(num_frames + 1)]
     indices = []
     for segment in range(num_frames):
-        low, high = num_available * segment / num_frames, num_available * (segment + 1) / num_frames
         if training:
-            first = int(low)
-            index = rng.randint(first, max(first, math.ceil(high) - 1))
+            first = min(edges[segment], num_available - 1)
+            index = rng.randint(first, max(first, edges[segment + 1] - 1))
         else:
-            index = int((low + high) / 2)
+            index = int(num_available * (segment + 0.5) / num_frames)
         indices.append(min(index, num_available - 1))
     return indices
 
@@ -70,6 +72,8 @@ def read_video_frames(
             wanted = [timestamps[i] for i in segment_indices(len(timestamps), num_frames, training, rng)]
             gap = SEEK_GAP_SECONDS / float(stream.time_base) if stream.time_base else math.inf
             frames = _decode_at(container, stream, wanted, gap)
+        if frames is None:
+            frames = _decode_in_order(path, wanted)
     except av.FFmpegError as err:
         raise VideoError(f"{path}: cannot decode video: {err}") from err
     if len(frames) < num_frames:
@@ -81,9 +85,12 @@ def _check_not_truncated(
     path: Path, container: av.container.InputContainer, stream: av.VideoStream, timestamps: list[int]
 ) -> None:
     """Containers that declare a duration (mkv, webm, mp4) and lost their end still demux their head."""
-    if not container.duration or not stream.time_base:
+    if stream.duration and stream.time_base:
+        declared = float(stream.duration * stream.time_base)
+    elif container.duration and not container.streams.audio:  # (with audio it may outlast the video)
+        declared = container.duration / av.time_base
+    else:
         return
-    declared = container.duration / av.time_base
     frame_time = 1 / float(stream.average_rate) if stream.average_rate else 0.0
     start = stream.start_time if stream.start_time is not None else timestamps[0]
     covered = float((timestamps[-1] - start) * stream.time_base) + frame_time
@@ -91,15 +98,26 @@ def _check_not_truncated(
         raise VideoError(f"{path}: truncated: its frames cover {covered:.2f} s of the declared {declared:.2f} s")
 
 
-def _decode_at(container: av.container.InputContainer, stream: av.VideoStream, wanted: list[int], gap: float) -> list:
-    """Decode the frames at (or first after) each timestamp of ascending ``wanted``."""
+def _decode_at(
+    container: av.container.InputContainer, stream: av.VideoStream, wanted: list[int], gap: float
+) -> list[Image.Image] | None:
+    """Decode the frames at (or first after) each timestamp of ascending ``wanted``, seeking between them.
+
+    ``None`` when a seek cannot be trusted: it landed after its target (containers such as MPEG-TS, or
+    streams with B-frames, seek imprecisely) or nothing decoded after it.
+    """
     frames: list[Image.Image] = []
     while len(frames) < len(wanted):
         before_seek = len(frames)
         container.seek(wanted[before_seek], stream=stream, backward=True, any_frame=False)
+        landed = None
         for frame in container.decode(stream):
             if frame.pts is None:
                 continue
+            if landed is None:
+                landed = frame.pts
+                if landed > wanted[before_seek]:
+                    return None
             while len(frames) < len(wanted) and frame.pts >= wanted[len(frames)]:
                 frames.append(frame.to_image())
             if len(frames) == len(wanted):
@@ -108,5 +126,19 @@ def _decode_at(container: av.container.InputContainer, stream: av.VideoStream, w
             if len(frames) > before_seek and wanted[len(frames)] - frame.pts > gap:
                 break
         else:
+            if landed is None:
+                return None
             break  # the stream ended before every wanted frame was seen
+    return frames
+
+
+def _decode_in_order(path: Path, wanted: list[int]) -> list[Image.Image]:
+    """The same frames as :func:`_decode_at`, by decoding the whole stream from its start (no seeking)."""
+    frames: list[Image.Image] = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(container.streams.video[0]):
+            while frame.pts is not None and len(frames) < len(wanted) and frame.pts >= wanted[len(frames)]:
+                frames.append(frame.to_image())
+            if len(frames) == len(wanted):
+                break
     return frames
