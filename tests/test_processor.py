@@ -111,3 +111,26 @@ def test_prompts_for_generation_keep_the_earlier_turns_of_a_conversation():
     assert words[:13] == ["<s>", "user", ":", "what", "color", "is", "the", "circle", "?", "bot", ":", "red", "</s>"]
     assert words[-2:] == ["bot", ":"] and "circle" not in words[13:]
     assert proc([Sample("what color?", "red", history=[("how many?", "one")])])["histories"] == [[("how many?", "one")]]
+
+
+def test_truncation_keeps_the_whole_answer_when_the_formatted_prompt_tokenizes_differently(tmp_path):
+    # a LLaMA SentencePiece tokenizer: upper-case words split into more pieces than their lower-cased prompt
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    from transformers import LlamaTokenizer
+
+    source = Path(importlib.util.find_spec("mistral_common").origin).parent / "data" / "tokenizer.model.v1"
+    shutil.copy(source, tmp_path / "tokenizer.model")
+    tokenizer = LlamaTokenizer.from_pretrained(str(tmp_path))
+    tokenizer.pad_token = tokenizer.unk_token
+    answer = "a bright red circle"
+    answer_ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    for lower_case in (True, False):
+        proc = LynxProcessor(tokenizer, PromptConfig(max_length=24, lower_case=lower_case), lambda image: image)
+        question = "WHAT COLOUR IS THE LARGE SHAPE IN THE TOP LEFT CORNER OF THE PICTURE?"
+        ids, labels, truncated = proc.encode(Sample(question, answer))
+        assert truncated and len(ids) <= 24
+        assert [label for label in labels if label != IGNORE_INDEX] == answer_ids
+        assert tokenizer.decode(ids, skip_special_tokens=True).endswith("Bot: " + answer)

@@ -117,8 +117,13 @@ class LynxProcessor:
         if excess > 0:
             truncated = True
             instruction_ids = tok(sample.instruction, add_special_tokens=False)["input_ids"]
-            shorter = tok.decode(instruction_ids[: max(0, len(instruction_ids) - excess)])
-            prompt_ids = self._prompt_ids(shorter)[: max(0, room)]
+            keep = max(0, len(instruction_ids) - excess)
+            prompt_ids = self._prompt_ids(tok.decode(instruction_ids[:keep]))
+            # the formatted prompt re-tokenizes (template, lower case): shorten until the answer fits
+            while keep > 0 and len(prompt_ids) + len(answer_ids) > room:
+                keep -= 1
+                prompt_ids = self._prompt_ids(tok.decode(instruction_ids[:keep]))
+            prompt_ids = prompt_ids[: max(0, room)]
             answer_ids = answer_ids[: max(0, room - len(prompt_ids))]
         ids, labels = (
             (ids + prompt_ids + answer_ids)[:limit],
