@@ -167,3 +167,33 @@ def test_the_shard_index_is_cached_beside_the_shard_and_renewed_when_it_changes(
 def test_training_segments_do_not_overlap_when_the_clip_has_enough_frames():
     rng = random.Random(0)
     assert all(len(set(segment_indices(7, 5, training=True, rng=rng))) == 5 for _ in range(200))
+
+
+def test_shards_made_with_tar_from_a_folder_keep_their_pairs(tmp_path):
+    import subprocess
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    photo = (tmp_path / "img" / save_photos(tmp_path / "img")[0]).read_bytes()
+    for key in ("a", "c"):
+        (folder / f"{key}.jpg").write_bytes(photo)
+        (folder / f"{key}.txt").write_text("a photograph")
+    subprocess.run(["tar", "-cf", str(tmp_path / "dot.tar"), "-C", str(folder), "."], check=True)
+    source = prepared(ShardSource(str(tmp_path / "dot.tar")))  # members are named ./a.jpg, ./a.txt, ...
+    assert sorted(source.shards[0].keys) == ["a", "c"] and source.skipped_lines == {}
+    assert source.categories == [""] and source[0].answer == "a photograph"
+
+
+def test_a_template_with_a_stray_brace_fails_when_loaded():
+    with pytest.raises(ValueError, match=r"template 'Answer \{answer\}' of task 'vqa': only \{question\}"):
+        InstructionTemplates({"vqa": ["{question}", "Answer {answer}"]})
+
+
+def test_llava_json_with_a_byte_order_mark_is_read(tmp_path):
+    files = save_photos(tmp_path)
+    record = {
+        "image": files[0],
+        "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}],
+    }
+    (tmp_path / "bom.json").write_text(json.dumps([record]), encoding="utf-8-sig")
+    assert prepared(ConversationSource(str(tmp_path / "bom.json")))[0].answer == "Hello."

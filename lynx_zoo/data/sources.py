@@ -101,7 +101,8 @@ class Source(Dataset):
 
     @property
     def categories(self) -> list[str]:
-        return []
+        """The categories of the source's samples (one, ``""``, for sources that have none)."""
+        return [""]
 
     # ------------------------------------------------------------------ helpers for subclasses
     @property
@@ -233,7 +234,7 @@ class ConversationSource(ManifestSource):
             return
         if not self.manifest.is_file():
             raise FileNotFoundError(f"conversations not found: {self.manifest}")
-        text = self.manifest.read_text(encoding="utf-8")
+        text = self.manifest.read_text(encoding="utf-8-sig")
         try:
             loaded = json.loads(text) if text.lstrip().startswith("[") else None
         except json.JSONDecodeError as err:
@@ -412,14 +413,16 @@ def _index_shard(path: Path, skipped: Counter, strict: bool) -> _Shard:
         try:
             with tarfile.open(path, mode="r:") as tar:
                 for member in tar:
-                    if not member.isfile() or "." not in Path(member.name).name:
+                    folder, _, name = member.name.removeprefix("./").rpartition("/")
+                    if not member.isfile() or "." not in name:
                         continue
-                    key, _, ext = member.name.partition(".")
+                    stem, _, ext = name.partition(".")  # WebDataset: the key is all before the first dot
+                    key = f"{folder}/{stem}" if folder else stem
                     grouped.setdefault(key, {})[ext.lower()] = (member.offset_data, member.size)
         except (OSError, tarfile.TarError) as err:
             if strict:
                 raise DataError(f"{path}: unreadable tar shard: {err}") from err
-            log.warning("shard %s: read its index up to an error: %s", path, err)
+            log.warning("shard %s: unreadable (%s); skipping the samples it did not index", path, err)
             skipped["unreadable_shard"] += 1
         else:
             _write_index(path, cache, grouped)

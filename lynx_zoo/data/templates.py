@@ -29,6 +29,14 @@ class InstructionTemplates:
         for task, options in templates.items():
             if not isinstance(options, list) or not options or not all(isinstance(t, str) for t in options):
                 raise ValueError(f"templates of task {task!r}: expected a non-empty list of strings, got {options!r}")
+            for template in options:
+                try:
+                    template.format(question="")
+                except (KeyError, IndexError, ValueError) as err:
+                    raise ValueError(
+                        f"template {template!r} of task {task!r}: only {{question}} can be filled in ({err!r}); "
+                        "write a literal brace as {{ or }}"
+                    ) from err
         self.templates = templates
         self.diverse = diverse
 
