@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from lynx_zoo.data.manifest import read_manifest
@@ -141,14 +140,6 @@ def _number(value: torch.Tensor | float) -> float | None:
     return None if math.isnan(number) else number
 
 
-def _open_image(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except OSError as err:
-        raise OSError(f"cannot read image {path}: {err}") from err
-
-
 def generate_answers(
     model: LynxModel, items: Sequence[tuple[Path, str]], batch_size: int, generation: dict[str, Any], desc: str
 ) -> list[str]:
@@ -157,7 +148,7 @@ def generate_answers(
     with tqdm(total=len(items), desc=desc, unit="q", leave=False) as progress:
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            answers.extend(model.generate([_open_image(p) for p, _ in chunk], [q for _, q in chunk], **generation))
+            answers.extend(model.generate([p for p, _ in chunk], [q for _, q in chunk], **generation))
             progress.update(len(chunk))
     return answers
 
