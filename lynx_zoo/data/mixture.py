@@ -142,10 +142,9 @@ class MixtureLoader(DataLoader):
         position = self.datamodule.position
         trainer = self.datamodule.trainer
         trainer_epoch = (id(trainer), trainer.current_epoch) if trainer is not None else None
-        if trainer_epoch is None or trainer_epoch != position.get("trainer_epoch"):
-            position.update(epoch=position["next_epoch"], start=position["next_start"], trainer_epoch=trainer_epoch)
-            position.update(next_epoch=position["epoch"] + 1, next_start=0)
-        stream.epoch, stream.start = position["epoch"], position["start"]
+        if trainer_epoch is None or trainer_epoch != position["trainer_epoch"]:
+            stream.epoch, stream.start = position["next_epoch"], position["next_start"]
+            position.update(next_epoch=stream.epoch + 1, next_start=0, trainer_epoch=trainer_epoch)
         return super().__iter__()
 
     def state_dict(self) -> dict[str, Any]:
@@ -228,7 +227,8 @@ class MixtureDataModule(L.LightningDataModule):
         self.processor: LynxProcessor | None = None  # the model's, or set by hand with ``num_frames``
         self.num_frames = 5
         self.stream: MixtureStream | None = None
-        # where the training loader stands: this epoch of the mixture and its first batch, and the next
+        # which epoch of the mixture (and first batch) the training loader goes to next, and for which trainer epoch
+        # it last went on (the stream keeps the current one)
         self.position: dict[str, Any] = {"next_epoch": 0, "next_start": 0, "trainer_epoch": None}
 
     # ------------------------------------------------------------------ set-up
