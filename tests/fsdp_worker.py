@@ -7,7 +7,7 @@ tiny PT and a tiny CA model these ways, each from the same initial weights and d
   also the local share of the parameters and of the optimizer state, and which parameters got gradients;
 * ``stop``: the same run stopped after step 2 and saved as a sharded checkpoint;
 * ``resumed``: a fresh process state resumed from that checkpoint up to step 4;
-* ``ckpt`` (CA): the ``full`` run with activation checkpointing of the decoder layers.
+* ``ckpt``: the ``full`` run with activation checkpointing of the decoder layers.
 
 ``fit(fusion, 1, ...)`` is the reference: the whole global batch in one process, no FSDP.
 Results go to ``OUT/<fusion>/<run>.pt`` (written by rank 0).
@@ -149,8 +149,8 @@ def main() -> None:
         fit(fusion, 2, run, "full")
         fit(fusion, 2, run, "stop")
         fit(fusion, 2, run, "resumed", ckpt_in=run / "stop.ckpt")
-        if fusion == "ca":  # cross-attention blocks are FSDP units of their own inside the checkpointed layers
-            fit(fusion, 2, run, "ckpt", activation_checkpointing=True)
+        # adapters (and cross-attention blocks, FSDP units of their own) inside the checkpointed layers
+        fit(fusion, 2, run, "ckpt", activation_checkpointing=True)
 
 
 if __name__ == "__main__":

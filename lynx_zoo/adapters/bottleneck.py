@@ -1,7 +1,8 @@
 """Lynx's bottleneck adapters, attached to decoder layers of a frozen HF LLM without forking its code.
 
 Each adapter becomes a child ``adapter`` of its decoder layer (so base weight names stay those of the
-HF checkpoint) and a forward hook applies it to the layer's output, i.e. after the MLP residual:
+HF checkpoint) and runs on the layer's output (:func:`~lynx_zoo.llm.layers.attach_block`), i.e. after the
+MLP residual:
 ``h + s * Up(SiLU(Down(LayerNorm(h))))``.
 """
 
@@ -13,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from lynx_zoo.llm.layers import LayerPlacement, decoder_layers
+from lynx_zoo.llm.layers import LayerPlacement, attach_block, decoder_layers
 
 
 @dataclass
@@ -59,21 +60,12 @@ class BottleneckAdapter(nn.Module):
         return hidden + (self.scale * update).to(hidden.dtype)
 
 
-def _apply_adapter(layer: nn.Module, args: tuple, output: torch.Tensor | tuple) -> torch.Tensor | tuple:
-    """Forward hook: run the layer's adapter on its output hidden states."""
-    if isinstance(output, tuple):
-        return (layer.adapter(output[0]), *output[1:])
-    return layer.adapter(output)
-
-
 def insert_adapters(llm: nn.Module, config: AdapterConfig, width: int) -> list[int]:
     """Attach a :class:`BottleneckAdapter` to the decoder layers chosen by ``config``; returns their indices."""
     layers = decoder_layers(llm)
     indices = config.layer_indices(len(layers))
     bottleneck = config.bottleneck or width // 2
     for i in indices:
-        layer = layers[i]
         adapter = BottleneckAdapter(width, bottleneck, config.init_std, config.init_scale)
-        layer.adapter = adapter.to(device=next(layer.parameters()).device)
-        layer.register_forward_hook(_apply_adapter)
+        attach_block(layers[i], "adapter", adapter, before=False)
     return indices

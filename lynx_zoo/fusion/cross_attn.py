@@ -3,8 +3,8 @@
 Gated cross-attention dense blocks go before chosen decoder layers of the LLM (OpenFlamingo on
 LLaMA-7B: before every 4th layer). Each attends from the text to the resampled visual tokens and adds
 its result through ``tanh`` gates that start at 0, so at initialisation the model is exactly its LLM.
-The blocks are children ``gated_xattn`` of the decoder layers, run by forward pre-hooks: transformers'
-modeling files stay as they are.
+The blocks are children ``gated_xattn`` of the decoder layers, run on each layer's input
+(:func:`~lynx_zoo.llm.layers.attach_block`): transformers' modeling files stay as they are.
 
 Media-position masking: media ``m`` of a sample appears at text position ``media_positions[b, m]``
 (in position-id space: the count of real tokens before it). A text token attends only to the latest
@@ -14,7 +14,7 @@ media at or before its position; tokens before the first media get nothing from 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,7 +24,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lynx_zoo.fusion.base import LynxModel, positions_from_mask
-from lynx_zoo.llm.layers import LayerPlacement, decoder_layers
+from lynx_zoo.llm.layers import ConditionedBlock, LayerPlacement, attach_block, decoder_layers
 
 
 @dataclass
@@ -49,7 +49,7 @@ class CrossAttnConfig(LayerPlacement):
     ff_mult: int = 4
 
 
-class GatedCrossAttentionBlock(nn.Module):
+class GatedCrossAttentionBlock(ConditionedBlock):
     """``x + tanh(a) * XAttn(LN(x), media)``, then ``x + tanh(f) * FF(LN(x))``; ``a = f = 0`` at init."""
 
     def __init__(self, width: int, num_heads: int, head_dim: int, ff_mult: int) -> None:
@@ -70,6 +70,19 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff_gate = nn.Parameter(torch.zeros(1))
         self.media: torch.Tensor | None = None
         self.media_positions: torch.Tensor | None = None
+
+    @contextmanager
+    def attending_to(self, media: torch.Tensor | None, media_positions: torch.Tensor | None) -> Iterator[None]:
+        """The visual tokens ``(B, M, Q, width)`` and their text positions ``(B, M)`` for the calls inside."""
+        outer = self.media, self.media_positions
+        self.media, self.media_positions = media, media_positions
+        try:
+            yield
+        finally:
+            self.media, self.media_positions = outer
+
+    def replay_context(self) -> AbstractContextManager[None]:
+        return self.attending_to(self.media, self.media_positions)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         media, media_positions = self.media, self.media_positions
@@ -100,16 +113,6 @@ class GatedCrossAttentionBlock(nn.Module):
         return hidden + (attn_update + ff_update).to(hidden.dtype)
 
 
-def _cross_attend_first(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Forward pre-hook: run the layer's gated cross-attention block on its input hidden states."""
-    hidden = args[0] if args else kwargs.pop("hidden_states")
-    position_ids = kwargs.get("position_ids")
-    if position_ids is None:
-        position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]
-    hidden = layer.gated_xattn(hidden, position_ids)
-    return (hidden, *args[1:]), kwargs
-
-
 class CrossAttnLynx(LynxModel):
     """Flamingo-style fusion: the text goes through the LLM alone and reads the visual tokens through
     gated cross-attention blocks. With ``llm.trainable: false`` the LLM is frozen (the paper's first CA
@@ -128,8 +131,7 @@ class CrossAttnLynx(LynxModel):
         self.cross_attn_layers = config.layer_indices(len(layers))
         for i in self.cross_attn_layers:
             block = GatedCrossAttentionBlock(self.llm_width, config.num_heads, config.head_dim, config.ff_mult)
-            layers[i].gated_xattn = block.to(device=next(layers[i].parameters()).device)
-            layers[i].register_forward_pre_hook(_cross_attend_first, with_kwargs=True)
+            attach_block(layers[i], "gated_xattn", block, before=True)
 
     def blocks(self) -> list[GatedCrossAttentionBlock]:
         layers = decoder_layers(self.llm)
@@ -147,13 +149,10 @@ class CrossAttnLynx(LynxModel):
         """Give every block the visual tokens (and their positions) for the LLM calls inside."""
         if media is not None and media_positions is None:
             media_positions = torch.zeros(media.shape[:2], dtype=torch.long, device=media.device)
-        for block in self.blocks():
-            block.media, block.media_positions = media, media_positions
-        try:
-            yield
-        finally:
+        with ExitStack() as stack:
             for block in self.blocks():
-                block.media = block.media_positions = None
+                stack.enter_context(block.attending_to(media, media_positions))
+            yield
 
     def forward(
         self,
@@ -168,7 +167,11 @@ class CrossAttnLynx(LynxModel):
         position_ids = positions_from_mask(attention_mask)
         with self.conditioned_on(media, media_positions):
             return self.llm(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                labels=labels,
+                use_cache=False,
             )
 
     def generate_ids(

@@ -41,7 +41,11 @@ class PrefixLynx(LynxModel):
             prefix = labels.new_full((labels.shape[0], inputs_embeds.shape[1] - labels.shape[1]), IGNORE_INDEX)
             labels = torch.cat([prefix, labels], dim=1)
         return self.llm(
-            inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions_from_mask(mask), labels=labels
+            inputs_embeds=inputs_embeds,
+            attention_mask=mask,
+            position_ids=positions_from_mask(mask),
+            labels=labels,
+            use_cache=False,
         )
 
     def generate_ids(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 
 def decoder_layers(llm: nn.Module) -> nn.ModuleList:
@@ -42,3 +45,70 @@ class LayerPlacement:
         if not 0 <= self.start < num_layers:
             raise ValueError(f"{self.section}.start: expected 0..{num_layers - 1}, got {self.start}")
         return list(range(self.start, num_layers, self.every))
+
+
+class ConditionedBlock(nn.Module):
+    """A block inserted into a decoder layer that reads per-call inputs set beside the LLM call (a
+    cross-attention block's visual tokens), not passed through the layer's arguments.
+
+    Activation checkpointing recomputes the layer in the backward pass, after that call has returned:
+    :meth:`replay_context` is asked at the forward, captures those inputs, and returns the context the
+    recomputation runs in, with them restored.
+    """
+
+    def replay_context(self) -> AbstractContextManager[None]:
+        raise NotImplementedError(f"{type(self).__name__} must implement replay_context")
+
+
+def attach_block(layer: nn.Module, name: str, block: nn.Module, *, before: bool) -> None:
+    """Make ``block`` the child ``name`` of a decoder layer and run it with every call of the layer, without
+    touching the layer's code: ``before`` the layer on its input hidden states, as ``block(hidden_states,
+    position_ids)`` (a cross-attention block), else on its output hidden states, as ``block(hidden_states)``
+    (an adapter). The block's weights are named ``<layer>.<name>.*``, beside the layer's own."""
+    layer.add_module(name, block.to(device=next(layer.parameters()).device))
+    hook = BlockHook(name, before)
+    hook.register(layer)
+    # kept on the layer itself, so that they travel with it (a spawned process gets a pickled copy of the model)
+    layer.__dict__.setdefault(_HOOKS, []).append(hook)
+
+
+def rehook_attached_blocks(layer: nn.Module) -> None:
+    """Register the hooks of ``layer``'s attached blocks again, after any hooks added since (activation
+    checkpointing's): they then run inside what those hooks enclose."""
+    for hook in layer.__dict__.get(_HOOKS, []):
+        hook.register(layer)
+
+
+_HOOKS = "_lynx_zoo_block_hooks"
+
+
+class BlockHook:
+    """The hook that runs one attached block (see :func:`attach_block`)."""
+
+    def __init__(self, name: str, before: bool) -> None:
+        self.name, self.before = name, before
+        self.handle: RemovableHandle | None = None
+
+    def register(self, layer: nn.Module) -> None:
+        """(Re-)register on ``layer``; an output hook is prepended, so that it runs before the hooks registered
+        earlier that close the layer's call."""
+        if self.handle is not None:
+            self.handle.remove()
+        if self.before:
+            self.handle = layer.register_forward_pre_hook(self, with_kwargs=True)
+        else:
+            self.handle = layer.register_forward_hook(self, prepend=True)
+
+    def __call__(self, layer: nn.Module, args: tuple, *rest: Any) -> Any:
+        block = layer.get_submodule(self.name)
+        if self.before:
+            (kwargs,) = rest
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            position_ids = kwargs.get("position_ids")
+            if position_ids is None:
+                position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]
+            return (block(hidden, position_ids), *args[1:]), kwargs
+        (output,) = rest
+        if isinstance(output, tuple):
+            return (block(output[0]), *output[1:])
+        return block(output)

@@ -13,10 +13,11 @@ Everything here is torch.distributed + Lightning; nothing launches processes or 
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -25,10 +26,10 @@ import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+from torch.distributed._composable import checkpoint
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.utils.checkpoint import checkpoint
 
-from lynx_zoo.llm.layers import decoder_layers
+from lynx_zoo.llm.layers import ConditionedBlock, decoder_layers, rehook_attached_blocks
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -230,55 +231,62 @@ def local_parameter_count(module: nn.Module) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------- checkpointing
-class _CheckpointedCall:
-    """Mixin of a checkpointed decoder layer: its whole call (forward *and* hooks: the adapter's forward hook,
-    the cross-attention pre-hook, FSDP2's own) is recomputed in the backward pass instead of storing
-    activations. FSDP2 knows this composition: in the recomputation its hooks leave the unshard to the
-    pre-backward hook. A cross-attention block reads its visual tokens from attributes that are cleared
-    after the forward; the recomputation gets those of the original call back. A KV cache is not passed into
-    the region (as transformers' own checkpointing does): a training forward has no use for it."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        call = super().__call__  # type: ignore[misc]
-        if not torch.is_grad_enabled():
-            return call(*args, **kwargs)
-        if kwargs.get("past_key_values") is not None:
-            # the recomputation would append this layer's keys/values to the cache a second time
-            kwargs = {**kwargs, "past_key_values": None, "use_cache": False}
-        block = getattr(self, "gated_xattn", None)
-        if block is None:
-            return checkpoint(call, *args, use_reentrant=False, **kwargs)
-        media = block.media, block.media_positions
-
-        def call_with_media(*args: Any, **kwargs: Any) -> Any:
-            outer = block.media, block.media_positions
-            block.media, block.media_positions = media
-            try:
-                return call(*args, **kwargs)
-            finally:
-                block.media, block.media_positions = outer
-
-        return checkpoint(call_with_media, *args, use_reentrant=False, **kwargs)
-
-
-@functools.cache
-def _checkpointed_class(cls: type[nn.Module]) -> type[nn.Module]:
-    return type(f"Checkpointed{cls.__name__}", (_CheckpointedCall, cls), {})
+# the names decoder layers give their KV cache across transformers releases (4.x/5.x: past_key_values; 5.24: cache)
+KV_CACHE_ARGUMENTS = ("cache", "past_key_values", "layer_past")
 
 
 def apply_activation_checkpointing(model: LynxModel) -> int:
-    """Recompute every decoder layer of the LLM in the backward pass (non-reentrant ``torch.utils.checkpoint``).
+    """Recompute every decoder layer of the LLM in the backward pass, with torch's composable activation
+    checkpointing (``torch.distributed._composable.checkpoint``: hooks, no wrapper module, so parameter and
+    state-dict names stay those of the model; FSDP2's ``fully_shard`` applied afterwards composes with it).
 
-    Works with a frozen LLM in eval mode (unlike transformers' switch, which needs ``training``), keeps
-    parameter names (no wrapper module) and is idempotent. Returns the number of checkpointed layers.
+    The layer's attached blocks (adapters, cross-attention blocks: :func:`~lynx_zoo.llm.layers.attach_block`)
+    run inside the recomputed region; a :class:`~lynx_zoo.llm.layers.ConditionedBlock` gets the inputs it
+    read at the forward back for the recomputation. A KV cache is kept out of the region. Works with a frozen
+    LLM in eval mode (unlike transformers' switch, which needs ``training``). Idempotent; returns the number of
+    checkpointed layers.
     """
     layers = decoder_layers(model.llm)
     for layer in layers:
-        if not isinstance(layer, _CheckpointedCall):
-            if isinstance(layer, FSDPModule):
-                raise RuntimeError("apply_activation_checkpointing: apply it before fully_shard")
-            layer.__class__ = _checkpointed_class(type(layer))
+        if checkpoint.state(layer) is not None:
+            continue
+        if isinstance(layer, FSDPModule):
+            raise RuntimeError("apply_activation_checkpointing: apply it before fully_shard")
+        layer.register_forward_pre_hook(_without_kv_cache, with_kwargs=True)
+        checkpoint(layer, context_fn=_replay_context_fn(layer))
+        rehook_attached_blocks(layer)
     return len(layers)
+
+
+def _without_kv_cache(layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+    """Keep a KV cache out of a recomputed layer call (the recomputation would write the layer's keys and values
+    into it a second time), as transformers' own gradient checkpointing does. Without gradients nothing is
+    recomputed and the call keeps its cache."""
+    if not torch.is_grad_enabled():
+        return None
+    kwargs = {k: None if k in KV_CACHE_ARGUMENTS else v for k, v in kwargs.items()}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return args, kwargs
+
+
+def _replay_context_fn(layer: nn.Module) -> Callable[[], tuple[AbstractContextManager, AbstractContextManager]]:
+    """``context_fn`` of the checkpoint of ``layer``: at the forward, every :class:`ConditionedBlock` inside
+    captures its per-call inputs; the recomputation in the backward pass runs with them restored."""
+
+    def context_fn() -> tuple[AbstractContextManager, AbstractContextManager]:
+        replays = [m.replay_context() for m in layer.modules() if isinstance(m, ConditionedBlock)]
+        return contextlib.nullcontext(), _entered(replays)
+
+    return context_fn
+
+
+@contextlib.contextmanager
+def _entered(contexts: list[AbstractContextManager]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for context in contexts:
+            stack.enter_context(context)
+        yield
 
 
 # ---------------------------------------------------------------------------------------------- FSDP1
