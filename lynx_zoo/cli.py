@@ -17,6 +17,7 @@ from lightning.pytorch.core.datamodule import LightningDataModule
 
 import lynx_zoo  # noqa: F401  (registers the short class names: PrefixLynx, ShapesVQADataModule, ...)
 from lynx_zoo.fusion import LynxModel
+from lynx_zoo.resources import SHIPPED_CONFIG, config_path
 
 EVALUATION_COMMANDS = ("evaluate", "report")
 
@@ -83,6 +84,19 @@ def explain_error(message: str) -> str:
     return message
 
 
+def shipped_config_args(argv: list[str]) -> list[str]:
+    """``--config zoo:NAME`` (or ``-c``/``--config=``) -> the path of the shipped config (:mod:`lynx_zoo.resources`)."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if eq and flag in ("--config", "-c") and value.startswith(SHIPPED_CONFIG):
+            arg = f"{flag}={config_path(value)}"
+        elif i > 0 and argv[i - 1] in ("--config", "-c") and arg.startswith(SHIPPED_CONFIG):
+            arg = str(config_path(arg))
+        out.append(arg)
+    return out
+
+
 def main(args: list[str] | None = None) -> Any:
     """Entry point of ``python -m lynx_zoo`` and the ``lynx-zoo`` script.
 
@@ -91,7 +105,12 @@ def main(args: list[str] | None = None) -> Any:
     are the variant commands (:mod:`lynx_zoo.hub.cli`); everything else goes to LightningCLI (``fit``,
     ``validate``, ``test``, ``predict`` with a DataModule).
     """
-    argv = sys.argv[1:] if args is None else args
+    try:
+        argv = shipped_config_args(sys.argv[1:] if args is None else args)
+    except FileNotFoundError as err:
+        sys.exit(f"lynx_zoo: error: {err}")
+    if args is None:
+        sys.argv[1:] = argv  # LightningCLI parses the process's own arguments
     if argv and argv[0] in EVALUATION_COMMANDS:
         from lynx_zoo.evaluation.cli import run_command
 
@@ -103,6 +122,6 @@ def main(args: list[str] | None = None) -> Any:
 
         return run_hub_command(argv)
     try:
-        return LynxCLI(args=args, exit_on_error=False)
+        return LynxCLI(args=args and argv, exit_on_error=False)
     except ArgumentError as err:
         sys.exit(f"lynx_zoo: error: {explain_error(str(err))}")

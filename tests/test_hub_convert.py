@@ -4,45 +4,17 @@ from __future__ import annotations
 
 import json
 import pickle
-import re
 from pathlib import Path
 
 import pytest
 import torch
-from hub_fixtures import fixed_inputs, make_model, write_bases
+from hub_fixtures import fixed_inputs, make_model, to_original_layout, write_bases
 
 from lynx_zoo.cli import main
 from lynx_zoo.hub import load_pretrained
 from lynx_zoo.hub.convert_lynx import convert_lynx
 
 REPO = Path(__file__).resolve().parents[1]
-ADAPTER_NAMES = {"norm": "adapter_norm_before", "down": "adapter_down", "up": "adapter_up"}
-
-
-def to_original_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A lynx_zoo PT state dict renamed as the original release names it (models/lynx.py, resampler.py,
-    modeling_llama.py of bytedance/lynx-llm)."""
-    original = {}
-    for key, value in state.items():
-        if key == "frame_position":
-            original["absolute_frame_pos_embed"] = value
-        elif match := re.fullmatch(r"bridge\.layers\.(\d+)\.ff\.(.+)", key):
-            original[f"bridge.layers.{match[1]}.1.{match[2]}"] = value
-        elif match := re.fullmatch(r"bridge\.layers\.(\d+)\.(.+)", key):
-            original[f"bridge.layers.{match[1]}.0.{match[2]}"] = value
-        elif key.startswith("bridge."):
-            original[key] = value
-        elif match := re.fullmatch(r"llm\.model\.layers\.(\d+)\.adapter\.scale", key):
-            original[f"LLM.model.layers.{match[1]}.output_adapter.scaling"] = value.reshape(1)
-        elif match := re.fullmatch(r"llm\.model\.layers\.(\d+)\.adapter\.(\w+)\.(\w+)", key):
-            original[f"LLM.model.layers.{match[1]}.output_adapter.{ADAPTER_NAMES[match[2]]}.{match[3]}"] = value
-        elif key.startswith("vision.model."):
-            original["vision_encoder." + key.removeprefix("vision.model.")] = value
-        elif key.startswith("llm."):
-            original["LLM." + key.removeprefix("llm.")] = value
-        else:
-            raise AssertionError(f"unmapped test key {key}")
-    return original
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import yaml
 
-DEFAULT_TEMPLATES = Path(__file__).with_name("templates.yaml")
+from lynx_zoo.resources import shipped
+
+DEFAULT_TEMPLATES = shipped("data/templates.yaml")
 
 
 class InstructionTemplates:

@@ -23,10 +23,11 @@ from transformers import PreTrainedTokenizerFast
 from lynx_zoo.fusion.base import LynxModel
 from lynx_zoo.hub.config import decode_init_args, fusion_name
 from lynx_zoo.hub.export import base_prefixes, variant_keys
-from lynx_zoo.hub.variants import REPO_ROOT, VARIANTS, VariantInfo
+from lynx_zoo.hub.variants import VARIANTS, VariantInfo
 from lynx_zoo.llm import LLMConfig
 from lynx_zoo.llm.causal_lm import KNOWN_ARCHITECTURES, _gguf_cache
 from lynx_zoo.llm.layers import decoder_layers
+from lynx_zoo.resources import shipped
 
 # licence of the base LLM's weights (front matter `license`, and a note); bases not listed: the zoo's Apache-2.0
 LICENSES = {
@@ -167,7 +168,10 @@ def variant_facts(info: VariantInfo) -> CardFacts:
     cls = resolve_model_class(config["model"]["class_path"])
     init_args = {k: v for k, v in config["model"]["init_args"].items() if k != "init_from"}
     model = build_on_meta(cls, init_args)
-    results = [json.loads((REPO_ROOT / r).read_text(encoding="utf-8")) | {"file": r} for r in info.results]
+    results = [
+        json.loads(shipped(f"study_results/{r}").read_text(encoding="utf-8")) | {"file": f"docs/study/results/{r}"}
+        for r in info.results
+    ]
     return CardFacts(
         id=info.id,
         description=info.description,

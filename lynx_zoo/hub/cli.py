@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lynx_zoo.fusion.base import LynxModel
+from lynx_zoo.resources import config_path, shipped
 
 HUB_COMMANDS = ("export", "chat", "variants", "cards", "convert-lynx")
 PREDICT_FLAGS = ("--image", "--video")
@@ -122,14 +123,19 @@ def run_command(argv: list[str]) -> Any:
     commands.add_parser("variants", help="list the released and locally registered variants")
 
     cards = commands.add_parser("cards", help="generate model_cards/<variant>.md from the configs")
-    cards.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "model_cards")
+    cards.add_argument("--out", type=Path, default=shipped("model_cards"), help="default: the shipped model_cards/")
     cards.add_argument("--check", action="store_true", help="write nothing; fail if a card is missing or stale")
     cards.add_argument("ids", nargs="*", help="only these variants (default: all)")
 
     convert = commands.add_parser("convert-lynx", help="convert an original Lynx checkpoint into a variant")
     convert.add_argument("--ckpt", type=Path, required=True, help="finetune_lynx.pt / pretrain_lynx.pt")
     convert.add_argument("--out", type=Path, required=True)
-    convert.add_argument("--config", type=Path, action="append", help="lynx_zoo config(s); default: the real Lynx")
+    convert.add_argument(
+        "--config",
+        type=config_path,
+        action="append",
+        help="lynx_zoo config(s): zoo:NAME or a path (default: the real Lynx)",
+    )
     convert.add_argument("--name", help="the variant's name (default: the folder name)")
     convert.add_argument("--register", action="store_true", help="register it locally under its name")
 

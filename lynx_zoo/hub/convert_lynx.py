@@ -22,8 +22,9 @@ import torch
 from lynx_zoo.evaluation.runner import resolve_model_class
 from lynx_zoo.hub.cards import build_on_meta, resolved_config
 from lynx_zoo.hub.export import base_prefixes, variant_keys, write_variant
+from lynx_zoo.resources import config_path
 
-DEFAULT_CONFIG = "configs/pt_vicuna_420.yaml"
+DEFAULT_CONFIG = "zoo:pt_vicuna_420.yaml"
 
 # original name (regex) -> lynx_zoo name (template)
 KEY_MAP: list[tuple[str, str]] = [
@@ -122,11 +123,11 @@ def convert_lynx(
         checkpoint: ``finetune_lynx.pt`` / ``pretrain_lynx.pt`` of bytedance/lynx-llm.
         out: the variant folder to write.
         configs: the lynx_zoo config (and overlays) describing the architecture; default: the released
-            Lynx, ``configs/pt_vicuna_420.yaml``.
+            Lynx, ``zoo:pt_vicuna_420.yaml`` (the shipped ``configs/pt_vicuna_420.yaml``).
         name: the variant's name (default: the folder's).
     """
     checkpoint = Path(checkpoint)
-    paths = [Path(c) for c in (configs or [Path(__file__).resolve().parents[2] / DEFAULT_CONFIG])]
+    paths = [config_path(c) for c in (configs or [DEFAULT_CONFIG])]
     config = resolved_config(paths)
     cls = resolve_model_class(config["model"]["class_path"])
     init_args: dict[str, Any] = {k: v for k, v in config["model"]["init_args"].items() if k != "init_from"}

@@ -19,8 +19,8 @@ import torch
 
 from lynx_zoo.fusion.base import LynxModel
 from lynx_zoo.hub.export import CONFIG_FILE
+from lynx_zoo.resources import shipped
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 REGISTRY_FILE = "registry.json"
 # what is fetched from a hub repository: never pickles
 HUB_PATTERNS = ["config.json", "model.safetensors", "README.md", "tokenizer/*"]
@@ -42,10 +42,11 @@ class VariantInfo:
 
     Args:
         id: the name ``load_pretrained`` takes.
-        configs: its config files, relative to the repository, base first (overlays after).
+        configs: its config files under the shipped ``configs/`` (the repository's), base first (overlays after).
         description: one line.
         hf_repo: the HF hub repository holding its weights, if published.
-        results: recorded lynx_zoo evaluation results (``docs/study/results/*.json``) of this variant.
+        results: recorded lynx_zoo evaluation results of this variant: files of the shipped ``study_results/``
+            (the repository's ``docs/study/results/``).
         paper: numbers the Lynx paper reports for this configuration (not measured by lynx_zoo).
         obtain: how to get the weights when they are not present (``{folder}``, ``{args}`` filled in).
     """
@@ -60,11 +61,11 @@ class VariantInfo:
 
     @property
     def card(self) -> Path:
-        return REPO_ROOT / "model_cards" / f"{self.id}.md"
+        return shipped(f"model_cards/{self.id}.md")
 
     @property
     def config_paths(self) -> list[Path]:
-        return [REPO_ROOT / c for c in self.configs]
+        return [shipped(c) for c in self.configs]
 
     @property
     def folder(self) -> Path:
@@ -101,7 +102,7 @@ def _demo(stem: str, description: str, result: str) -> VariantInfo:
         f"lynx-demo-{stem.replace('_', '-')}",
         ("configs/demo.yaml", f"configs/demo_grid/{stem}.yaml"),
         description,
-        results=(f"docs/study/results/{result}__shapes.json",),
+        results=(f"{result}__shapes.json",),
         obtain=FIT_OBTAIN,
     )
 
@@ -170,7 +171,7 @@ VARIANTS: dict[str, VariantInfo] = {
             "lynx-demo",
             ("configs/demo.yaml",),
             "The embedded default: a small PT model trained from scratch on rendered shapes in ~10 CPU minutes",
-            results=("docs/study/results/pt_adapters_every_2nd__shapes.json",),
+            results=("pt_adapters_every_2nd__shapes.json",),
             obtain=FIT_OBTAIN,
         ),
         _demo("adapters_every_layer", "The demo with an adapter on every decoder layer", "pt_adapters_every_layer"),
