@@ -81,7 +81,7 @@ def measure(variant: str, checkpointing: bool, batch_size: int, text: int, steps
         times.append(time.perf_counter() - start)
     step = statistics.median(times[warmup:])
     flops = lynx_step_flops(model, batch_size, text)
-    visual = model.bridge_config.num_queries if hasattr(model, "prefix_inputs") else 0
+    visual = model.bridge.output_tokens(model.vision.num_tokens) if model.media_in_sequence else 0
     row = {
         "variant": variant,
         "activation_ckpt": checkpointing,

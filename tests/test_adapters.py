@@ -31,7 +31,7 @@ def llama(layers: int = 6) -> LlamaForCausalLM:
 )
 def test_adapters_go_exactly_where_asked(config, expected):
     model = llama()
-    assert insert_adapters(model, config, width=32) == expected
+    assert list(insert_adapters(model, config, width=32)) == expected
     has_adapter = [i for i, layer in enumerate(decoder_layers(model)) if hasattr(layer, "adapter")]
     assert has_adapter == expected
     names = {n.split(".adapter.")[0] for n, _ in model.named_parameters() if ".adapter." in n}

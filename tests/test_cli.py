@@ -48,10 +48,10 @@ def test_switching_pt_to_ca_with_every_other_key_unchanged_trains(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     (checkpoint,) = tmp_path.rglob("*.ckpt")
     model = CrossAttnLynx.load_from_checkpoint(checkpoint)
-    assert model.cross_attn_layers == [3] and model.adapter_layers == [0, 2]  # the tiny config's adapters stay
+    assert list(model.fusion_blocks()) == [3] and model.adapter_layers == [0, 2]  # the tiny config's adapters stay
     assert model.bridge_config.num_queries == 4  # every other key as in configs/tiny.yaml
     # the gates were trained away from zero
-    assert model.blocks()[0].attn_gate.abs().item() > 0
+    assert list(model.fusion_blocks().values())[0].attn_gate.abs().item() > 0
 
 
 def test_print_config_shows_the_resolved_model():

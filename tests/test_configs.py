@@ -156,7 +156,7 @@ def test_grid_variant_builds_on_meta_with_its_parameter_counts(name, llama_token
     assert type(model).__name__ == fusion
     assert model.vision_config.image_size == size and model.vision.num_tokens == (size // 14) ** 2 + 1
     assert model.llm_config.model == llm_id and model.adapter_layers == adapters
-    assert getattr(model, "cross_attn_layers", []) == xattn
+    assert list(model.fusion_blocks()) == xattn
     n_adapters = sum(count(layer.adapter) for layer in model.llm.model.layers if hasattr(layer, "adapter"))
     n_xattn = sum(count(layer.gated_xattn) for layer in model.llm.model.layers if hasattr(layer, "gated_xattn"))
     assert n_adapters == len(adapters) * ADAPTER

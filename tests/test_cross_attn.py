@@ -14,14 +14,14 @@ def samples(n=2):
 
 
 def open_gates(model):
-    for block in model.blocks():
+    for block in model.fusion_blocks().values():
         block.attn_gate.data.fill_(1.0)
         block.ff_gate.data.fill_(1.0)
 
 
 def test_blocks_go_where_asked(make_tiny):
     model = make_tiny(CrossAttnLynx, **CA)
-    assert model.cross_attn_layers == [1, 3]
+    assert list(model.fusion_blocks()) == [1, 3]
     layers = model.llm.model.layers
     assert [i for i, layer in enumerate(layers) if hasattr(layer, "gated_xattn")] == [1, 3]
     assert CrossAttnConfig().layer_indices(32) == [3, 7, 11, 15, 19, 23, 27, 31]  # OpenFlamingo on LLaMA-7B

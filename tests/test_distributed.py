@@ -178,9 +178,9 @@ def test_sharding_units_cover_blocks_layers_and_cross_attention(make_tiny):
     units = sharding_units(model)
     layers = decoder_layers(model.llm)
     assert all(layer in units for layer in layers)
-    assert [u for u in units if type(u).__name__ == "GatedCrossAttentionBlock"] == model.blocks()
+    assert [u for u in units if type(u).__name__ == "GatedCrossAttentionBlock"] == list(model.fusion_blocks().values())
     # children before parents: each cross-attention block before its decoder layer, layers before the LLM
-    assert units.index(model.blocks()[0]) < units.index(layers[1]) < units.index(model.llm)
+    assert units.index(list(model.fusion_blocks().values())[0]) < units.index(layers[1]) < units.index(model.llm)
     assert all(block in units for block in model.vision.model.blocks)
     assert units[-3:] == [model.vision, model.bridge, model.llm]
 

@@ -35,7 +35,7 @@ def test_pt_weights_start_a_ca_model_but_not_the_reverse(make_tiny, tmp_path):
     ca = make_tiny(CrossAttnLynx, seed=1, init_from=save(pt, tmp_path / "pt.ckpt"), **ca_args)
     ca.setup("fit")
     torch.testing.assert_close(ca.bridge.latents, pt.bridge.latents)
-    assert ca.blocks()[0].attn_gate.item() == 0.0  # new parts start fresh
+    assert list(ca.fusion_blocks().values())[0].attn_gate.item() == 0.0  # new parts start fresh
     back = make_tiny(PrefixLynx, adapters={"every": None}, init_from=save(ca, tmp_path / "ca.ckpt"))
     with pytest.raises(ValueError, match=r"init_from .*ca.ckpt: does not fit this model.*gated_xattn"):
         back.setup("fit")

@@ -163,7 +163,7 @@ def test_bf16_frozen_llm_with_fp32_trainable_parts(make_tiny, fusion):
     trainable = dict(model.trainable_parameters())
     assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
     if fusion == "CrossAttnLynx":
-        for block in model.blocks():
+        for block in model.fusion_blocks().values():
             block.attn_gate.data.fill_(0.5)
     batch = batch_of(model, shapes_samples(2))
     out = model(batch["input_ids"], batch["attention_mask"], batch["images"], batch["labels"])
@@ -179,7 +179,7 @@ def test_cached_generation_agrees_with_the_forward_pass_on_a_padded_batch(make_t
 
     model = make_tiny(getattr(lynx_zoo, fusion), llm={"trainable": True}).eval()
     if fusion == "CrossAttnLynx":
-        for block in model.blocks():
+        for block in model.fusion_blocks().values():
             block.attn_gate.data.fill_(0.7)
     prompts = ["what color is the circle?", "how many shapes are there in the top left?"]
     images = torch.randn(2, 3, 32, 32)

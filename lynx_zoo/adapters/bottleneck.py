@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from lynx_zoo.llm.layers import LayerPlacement, attach_block, decoder_layers
+from lynx_zoo.llm.layers import InsertedBlock, LayerPlacement, attach_block, decoder_layers
 
 
 @dataclass
@@ -40,7 +40,7 @@ class AdapterConfig(LayerPlacement):
     init_scale: float = 1.0
 
 
-class BottleneckAdapter(nn.Module):
+class BottleneckAdapter(InsertedBlock):
     """``h + s * Up(SiLU(Down(LayerNorm(h))))`` with a learnable scalar ``s``."""
 
     def __init__(self, width: int, bottleneck: int, init_std: float = 0.02, init_scale: float = 1.0) -> None:
@@ -60,12 +60,12 @@ class BottleneckAdapter(nn.Module):
         return hidden + (self.scale * update).to(hidden.dtype)
 
 
-def insert_adapters(llm: nn.Module, config: AdapterConfig, width: int) -> list[int]:
-    """Attach a :class:`BottleneckAdapter` to the decoder layers chosen by ``config``; returns their indices."""
+def insert_adapters(llm: nn.Module, config: AdapterConfig, width: int) -> dict[int, BottleneckAdapter]:
+    """Attach a :class:`BottleneckAdapter` to the decoder layers chosen by ``config``; returns them by layer index."""
     layers = decoder_layers(llm)
-    indices = config.layer_indices(len(layers))
     bottleneck = config.bottleneck or width // 2
-    for i in indices:
-        adapter = BottleneckAdapter(width, bottleneck, config.init_std, config.init_scale)
-        attach_block(layers[i], "adapter", adapter, before=False)
-    return indices
+    adapters = {}
+    for i in config.layer_indices(len(layers)):
+        adapters[i] = BottleneckAdapter(width, bottleneck, config.init_std, config.init_scale)
+        attach_block(layers[i], "adapter", adapters[i], before=False)
+    return adapters

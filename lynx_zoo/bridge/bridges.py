@@ -34,12 +34,29 @@ class BridgeConfig:
     ff_mult: int = 4
 
 
-BridgeBuilder = Callable[[BridgeConfig, int, int], nn.Module]
+class Bridge:
+    """What every bridge declares, for sharding and FLOP counting (a mixin of the bridge's ``nn.Module``)."""
+
+    def units(self) -> list[nn.Module]:
+        """Its repeated layers, each an FSDP unit of its own (none for a projector)."""
+        return []
+
+    def output_tokens(self, input_tokens: int) -> int:
+        """Visual tokens out for ``input_tokens`` vision tokens in (a projector keeps one per vision token)."""
+        return input_tokens
+
+    def forward_flops(self, input_tokens: int) -> float:
+        """Forward FLOPs for one image of ``input_tokens`` vision tokens (default: each token through each weight)."""
+        return 2.0 * sum(p.numel() for p in self.parameters()) * input_tokens  # type: ignore[attr-defined]
+
+
+BridgeBuilder = Callable[[BridgeConfig, int, int], Bridge]
 BRIDGES: dict[str, BridgeBuilder] = {}
 
 
 def register_bridge(name: str) -> Callable[[BridgeBuilder], BridgeBuilder]:
-    """Register ``builder(config, vision_width, llm_width) -> nn.Module`` as bridge ``name``."""
+    """Register ``builder(config, vision_width, llm_width) -> Bridge`` as bridge ``name`` (a module that mixes in
+    :class:`Bridge`)."""
 
     def decorator(builder: BridgeBuilder) -> BridgeBuilder:
         BRIDGES[name] = builder
@@ -48,7 +65,7 @@ def register_bridge(name: str) -> Callable[[BridgeBuilder], BridgeBuilder]:
     return decorator
 
 
-def build_bridge(config: BridgeConfig, vision_width: int, llm_width: int) -> nn.Module:
+def build_bridge(config: BridgeConfig, vision_width: int, llm_width: int) -> Bridge:
     if config.kind not in BRIDGES:
         raise ValueError(f"bridge.kind: unknown bridge {config.kind!r}; choose one of {sorted(BRIDGES)}")
     return BRIDGES[config.kind](config, vision_width, llm_width)
@@ -83,7 +100,7 @@ class ResamplerLayer(nn.Module):
         return latents + self.ff(latents)
 
 
-class PerceiverResampler(nn.Module):
+class PerceiverResampler(Bridge, nn.Module):
     """Lynx's bridge: learned queries in the LLM width read the visual tokens; output ``(B, Q, llm_width)``
     whatever the number of input tokens (one image, or several video frames concatenated)."""
 
@@ -105,6 +122,18 @@ class PerceiverResampler(nn.Module):
         self.norm = nn.LayerNorm(llm_width)
         self.num_queries = num_queries
 
+    def units(self) -> list[nn.Module]:
+        return list(self.layers)
+
+    def output_tokens(self, input_tokens: int) -> int:
+        return self.num_queries
+
+    def forward_flops(self, input_tokens: int) -> float:
+        """Key/value projections on the vision tokens, everything else on the latents, and the attention."""
+        kv = sum(layer.to_kv.weight.numel() + layer.norm_media.weight.numel() * 2 for layer in self.layers)
+        dense = 2.0 * (sum(p.numel() for p in self.parameters()) - kv) * self.num_queries + 2.0 * kv * input_tokens
+        return dense + sum(4.0 * layer.to_q.out_features * self.num_queries * input_tokens for layer in self.layers)
+
     def forward(self, media: torch.Tensor) -> torch.Tensor:
         latents = self.latents.unsqueeze(0).expand(media.shape[0], -1, -1).to(media.dtype)
         for layer in self.layers:
@@ -113,19 +142,28 @@ class PerceiverResampler(nn.Module):
 
 
 @register_bridge("resampler")
-def _resampler(config: BridgeConfig, vision_width: int, llm_width: int) -> nn.Module:
+def _resampler(config: BridgeConfig, vision_width: int, llm_width: int) -> Bridge:
     return PerceiverResampler(
         vision_width, llm_width, config.num_queries, config.depth, config.num_heads, config.head_dim, config.ff_mult
     )
 
 
-@register_bridge("linear")
-def _linear(config: BridgeConfig, vision_width: int, llm_width: int) -> nn.Module:
+class LinearProjector(Bridge, nn.Linear):
     """One visual token per vision token (LLaVA-1 style)."""
-    return nn.Linear(vision_width, llm_width)
+
+
+class MLPProjector(Bridge, nn.Sequential):
+    """Two-layer GELU projector, one visual token per vision token (LLaVA-1.5 style)."""
+
+    def __init__(self, vision_width: int, llm_width: int) -> None:
+        super().__init__(nn.Linear(vision_width, llm_width), nn.GELU(), nn.Linear(llm_width, llm_width))
+
+
+@register_bridge("linear")
+def _linear(config: BridgeConfig, vision_width: int, llm_width: int) -> Bridge:
+    return LinearProjector(vision_width, llm_width)
 
 
 @register_bridge("mlp")
-def _mlp(config: BridgeConfig, vision_width: int, llm_width: int) -> nn.Module:
-    """Two-layer GELU projector, one visual token per vision token (LLaVA-1.5 style)."""
-    return nn.Sequential(nn.Linear(vision_width, llm_width), nn.GELU(), nn.Linear(llm_width, llm_width))
+def _mlp(config: BridgeConfig, vision_width: int, llm_width: int) -> Bridge:
+    return MLPProjector(vision_width, llm_width)

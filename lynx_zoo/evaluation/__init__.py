@@ -13,14 +13,6 @@ from lynx_zoo.evaluation.judges import (
     judge_prompt,
     parse_judge_reply,
 )
-from lynx_zoo.evaluation.metrics import (
-    COGNITION,
-    MME_SUBTASKS,
-    PERCEPTION,
-    CategoryAccuracy,
-    MMEScore,
-    mme_yes_no,
-)
 from lynx_zoo.evaluation.mme import MMEBenchmark, MMEFormatError, MMEQuestion, load_mme
 from lynx_zoo.evaluation.report import write_report
 from lynx_zoo.evaluation.runner import (
@@ -29,6 +21,14 @@ from lynx_zoo.evaluation.runner import (
     Variant,
     load_variant,
     write_side_by_side,
+)
+from lynx_zoo.metrics import (
+    COGNITION,
+    MME_SUBTASKS,
+    PERCEPTION,
+    CategoryAccuracy,
+    MMEScore,
+    mme_yes_no,
 )
 
 __all__ = [

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lynx_zoo.evaluation.metrics import MME_SUBTASKS, MMEScore
+from lynx_zoo.metrics import MME_SUBTASKS, MMEScore
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 

@@ -34,9 +34,9 @@ from tqdm import tqdm
 
 from lynx_zoo.data.manifest import read_manifest
 from lynx_zoo.evaluation.judges import ExactMatchJudge, Judge, JudgementCache, judge_all
-from lynx_zoo.evaluation.metrics import CategoryAccuracy, mme_yes_no
 from lynx_zoo.evaluation.mme import load_mme
 from lynx_zoo.fusion.base import LynxModel
+from lynx_zoo.metrics import CategoryAccuracy, mme_yes_no
 
 log = logging.getLogger(__name__)
 

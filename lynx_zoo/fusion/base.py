@@ -1,32 +1,37 @@
-"""The shared base of every lynx_zoo model.
+"""The shared base of every lynx_zoo model, and the contract a fusion module fills in.
 
-:class:`LynxModel` owns everything but the fusion: the vision tower, the bridge, the LLM and its
-adapters, freezing, the optimiser, the training/validation loops, generation and metrics. A fusion
-subclass (:class:`~lynx_zoo.fusion.prefix.PrefixLynx`, ...) says only how visual tokens enter the LLM,
-by implementing :meth:`LynxModel.forward` and :meth:`LynxModel.generate_ids`.
+:class:`LynxModel` owns the vision tower, the bridge, the LLM and its adapters, freezing, the optimiser, the
+training and validation steps and generation; ``forward`` and ``generate_ids`` are written once, here. A fusion
+subclass (:class:`~lynx_zoo.fusion.prefix.PrefixLynx`, :class:`~lynx_zoo.fusion.cross_attn.CrossAttnLynx`, or
+one of your own: ``docs/extending.md``) says how the visual tokens enter the LLM by implementing
+:meth:`LynxModel.fused`, and declares the blocks it inserts into the LLM in :meth:`LynxModel.fusion_blocks`:
+sharding, activation checkpointing, FLOP counting and the model cards read that declaration.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections import Counter
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from torchmetrics import MeanMetric
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lynx_zoo.adapters import AdapterConfig, insert_adapters
 from lynx_zoo.bridge import BridgeConfig, build_bridge
 from lynx_zoo.data.answers import metric_key, normalize_answer
-from lynx_zoo.data.processor import LynxProcessor, PromptConfig, Sample
+from lynx_zoo.data.processor import IGNORE_INDEX, LynxProcessor, PromptConfig, Sample
 from lynx_zoo.generation import ImageLike, VideoLike, generation_settings, image_batch, video_batch
 from lynx_zoo.llm import LLMConfig, build_llm, load_tokenizer
+from lynx_zoo.llm.layers import InsertedBlock
+from lynx_zoo.metrics import CategoryAccuracy
+from lynx_zoo.training.callbacks import SkippedSampleReport
+from lynx_zoo.training.distributed import configure_lynx_model, ddp_anchor, fill_missing_grads
 from lynx_zoo.training.optim import OptimizerConfig, build_optimizer
 from lynx_zoo.vision import VisionConfig, VisionEncoder, resample_vision_pos_embed
 
@@ -42,6 +47,23 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
+@dataclass
+class FusedInputs:
+    """What the LLM reads once a fusion has put the visual tokens in: token ids *or* input embeddings (a sequence
+    that may start with visual tokens, which take no loss), and the attention mask over that sequence."""
+
+    attention_mask: torch.Tensor
+    input_ids: torch.Tensor | None = None
+    inputs_embeds: torch.Tensor | None = None
+
+    def llm_inputs(self) -> dict[str, torch.Tensor]:
+        """The keyword arguments of the LLM's ``forward``/``generate`` these stand for."""
+        inputs = {"attention_mask": self.attention_mask}
+        if self.inputs_embeds is not None:
+            return {**inputs, "inputs_embeds": self.inputs_embeds}
+        return {**inputs, "input_ids": self.input_ids}
+
+
 class LynxModel(L.LightningModule):
     """Vision tower -> bridge -> LLM (+ adapters); subclasses choose how the visual tokens are fused.
 
@@ -52,11 +74,16 @@ class LynxModel(L.LightningModule):
         adapters: bottleneck adapters in the LLM's decoder layers (placement and size).
         optimizer: AdamW and the warmup + linear decay schedule.
         prompt: the prompt format and text length limit.
-        eval_generation: ``generate`` settings for validation answers (greedy by default).
+        eval_generation: ``generate`` settings of validation answers and the model's default (greedy by default).
         init_from: a lynx_zoo checkpoint whose weights start this run (weights only: fresh optimiser
             and schedule), e.g. stage 2 from stage 1 or 420 px from 224 px (the vision position
             embeddings are resampled to this model's resolution).
     """
+
+    #: the fusion's name in model cards and messages, e.g. ``"PT (prefix-finetuning)"``
+    label: ClassVar[str] = "fusion"
+    #: whether the LLM reads the visual tokens inside its input sequence (PT) rather than beside it (CA)
+    media_in_sequence: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -82,77 +109,68 @@ class LynxModel(L.LightningModule):
         tokenizer = load_tokenizer(self.llm_config)
         self.llm = build_llm(self.llm_config, tokenizer)
         self.llm_width: int = self.llm.config.hidden_size
-        self.adapter_layers = insert_adapters(self.llm, self.adapter_config, self.llm_width)
+        self.adapter_blocks = insert_adapters(self.llm, self.adapter_config, self.llm_width)
+        self.adapter_layers = sorted(self.adapter_blocks)
         self.bridge = build_bridge(self.bridge_config, self.vision.width, self.llm_width)
         # Lynx's video encoding: a learned embedding per frame, added to that frame's tokens
         self.frame_position = nn.Parameter(torch.zeros(1, self.vision_config.num_frames, 1, self.vision.width))
         nn.init.trunc_normal_(self.frame_position, std=0.02)
         self.processor = LynxProcessor(tokenizer, prompt or PromptConfig(), self.vision.image_transform())
-        self.val_accuracy = nn.ModuleDict()
-        self.skipped_samples: Counter = Counter()  # this epoch's unreadable samples by source/reason (this rank)
+        self.val_accuracy: CategoryAccuracy | None = None  # built once the DataModule names its categories
         self.init_from = init_from
 
-    def setup(self, stage: str) -> None:
-        # before Lightning restores a checkpoint of this run (resume), so a resumed run keeps its own weights
-        if stage == "fit" and self.init_from:
-            self.load_weights(self.init_from)
-            self.init_from = None  # once: a second fit() must not go back to the starting weights
-
-    def configure_model(self) -> None:
-        """Scale-out hook (after ``setup``, so after ``init_from``): activation checkpointing of the decoder
-        layers and FSDP2 sharding when the strategy asks for them (:mod:`lynx_zoo.training.distributed`)."""
-        from lynx_zoo.training.distributed import configure_lynx_model
-
-        configure_lynx_model(self)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # the weights come from this checkpoint: never re-initialise them from `init_from`
-        self.init_from = None
-
-    def train(self, mode: bool = True) -> LynxModel:
-        """Train mode for the trainable parts; a frozen LLM stays in eval mode (no dropout)."""
-        super().train(mode)
-        if not self.llm_config.trainable:
-            self.llm.eval()
-        return self
-
-    def load_weights(self, path: str) -> None:
-        """Initialise from another lynx_zoo checkpoint's weights, resampling vision position embeddings."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
-        resample_vision_pos_embed(state, self.vision, prefix="vision.")
-        own = self.state_dict()
-        mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-        unexpected = [k for k in state if k not in own]
-        if mismatched or unexpected:
-            raise ValueError(
-                f"init_from {path}: does not fit this model: shape mismatches {mismatched[:5]}, "
-                f"unknown keys {unexpected[:5]} (a different fusion, bridge or LLM?)"
-            )
-        self.load_state_dict(state, strict=False)
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.processor.tokenizer
-
     # ----------------------------------------------------------------- the part a fusion module writes
+    def fused(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, media: torch.Tensor | None, **fusion_inputs: Any
+    ) -> AbstractContextManager[FusedInputs]:
+        """How the visual tokens enter the LLM: a context in which the LLM reads the returned :class:`FusedInputs`.
+
+        Args:
+            input_ids: left-padded text ids ``(B, T)``.
+            attention_mask: their mask.
+            media: images ``(B, 3, H, W)``, videos ``(B, F, 3, H, W)`` or ``None`` (text only); turn them into
+                visual tokens with :meth:`encode_images`.
+            fusion_inputs: extra inputs of this fusion (``forward`` passes on its extra keyword arguments).
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement fused (how visual tokens enter the LLM)")
+
+    def fusion_blocks(self) -> dict[int, InsertedBlock]:
+        """The blocks this fusion inserts into the LLM, by decoder layer: each is its own FSDP unit, runs inside its
+        layer's activation-checkpointed region, and is counted in FLOPs and in the model card."""
+        return {}
+
+    # ----------------------------------------------------------------- forward and generation, for every fusion
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         images: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        **fusion_inputs: Any,
     ) -> CausalLMOutputWithPast:
         """LLM outputs (logits, and the loss on answer tokens if ``labels`` are given)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement forward (how visual tokens enter the LLM)")
+        with self.fused(input_ids, attention_mask, images, **fusion_inputs) as inputs:
+            mask = inputs.attention_mask
+            if labels is not None and mask.shape[1] > labels.shape[1]:  # visual tokens before the text: no loss
+                prefix = labels.new_full((labels.shape[0], mask.shape[1] - labels.shape[1]), IGNORE_INDEX)
+                labels = torch.cat([prefix, labels], 1)
+            position_ids = positions_from_mask(mask)
+            return self.llm(**inputs.llm_inputs(), position_ids=position_ids, labels=labels, use_cache=False)
 
     def generate_ids(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: torch.Tensor | None, **kwargs: Any
     ) -> torch.Tensor:
-        """Newly generated token ids for left-padded prompts."""
-        raise NotImplementedError(f"{type(self).__name__} must implement generate_ids")
+        """Newly generated token ids for left-padded prompts (transformers ``generate`` arguments in ``kwargs``)."""
+        with self.fused(input_ids, attention_mask, images) as inputs:
+            ids = self.llm.generate(
+                **inputs.llm_inputs(),
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+                **kwargs,
+            )
+        # from token ids transformers returns the prompt too; from embeddings, only what it generated
+        return ids if inputs.input_ids is None else ids[:, inputs.input_ids.shape[1] :]
 
-    # ----------------------------------------------------------------- shared parts
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Visual tokens ``(B, Q, llm_width)`` of images ``(B, 3, H, W)`` or videos ``(B, T, 3, H, W)``.
 
@@ -171,102 +189,9 @@ class LynxModel(L.LightningModule):
             tokens = (tokens.unflatten(0, images.shape[:2]) + self.frame_position).flatten(1, 2)
         return self.bridge(tokens).to(self.llm.dtype)
 
-    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer, scheduler = build_optimizer(
-            self.trainable_parameters(), self.trainer.estimated_stepping_batches, self.optimizer_config
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def _step_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self(batch["input_ids"], batch["attention_mask"], batch.get("images"), batch["labels"]).loss
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        self.skipped_samples.update(batch.get("skipped", {}))
-        size = batch["input_ids"].shape[0]
-        if size == 0:  # every sample of this batch was unreadable: nothing to learn from
-            return None
-        loss = self._step_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        if self._trainer is not None and isinstance(self._trainer.strategy, DDPStrategy):
-            loss = loss + 0.0 * sum(p.sum() for p in self.unused_parameters(batch.get("images")))
-        for key in ("skipped", "truncated"):
-            value = float(batch.get(f"num_{key}", 0))
-            self.log(
-                f"data/{key}", value, reduce_fx="sum", on_step=False, on_epoch=True, batch_size=size, sync_dist=True
-            )
-        return loss
-
-    def on_after_backward(self) -> None:
-        """Trainable parameters the step left out get an exact zero gradient, as DDP's anchor gives them, so
-        every strategy updates alike and the optimizer keeps state for every trainable parameter (which a
-        sharded checkpoint expects when a run resumes)."""
-        for _, param in self.trainable_parameters():
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-
-    def unused_parameters(self, images: torch.Tensor | None) -> list[nn.Parameter]:
-        """Trainable parameters a batch leaves out: the frame embedding without videos; the vision side, the
-        bridge and the cross-attention blocks without any media (text-only data). The training loss adds them
-        times 0 under DDP, which expects a gradient for every trainable parameter at every step (FSDP does not)."""
-        if images is None:
-            return [p for n, p in self.trainable_parameters() if not n.startswith("llm.") or ".gated_xattn." in n]
-        return [self.frame_position] if images.dim() == 4 and self.frame_position.requires_grad else []
-
-    def on_train_epoch_end(self) -> None:
-        """Sum the epoch's skipped samples over ranks; log and summarise them by source and reason."""
-        counts = Counter(self.skipped_samples)
-        self.skipped_samples.clear()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[dict[str, int]] = [{} for _ in range(torch.distributed.get_world_size())]
-            torch.distributed.all_gather_object(gathered, dict(counts))
-            counts = sum((Counter(g) for g in gathered), Counter())
-        for key, count in sorted(counts.items()):
-            self.log(f"data/skipped/{key}", float(count), rank_zero_only=True)
-        if counts:
-            listed = ", ".join(f"{key}: {count}" for key, count in sorted(counts.items()))
-            rank_zero_info(f"epoch {self.current_epoch}: skipped {sum(counts.values())} unreadable samples ({listed})")
-
-    def on_validation_epoch_start(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        for category in getattr(datamodule, "categories", []):
-            key = metric_key(category)
-            if key not in self.val_accuracy:
-                self.val_accuracy[key] = MeanMetric().to(self.device)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        size = batch["input_ids"].shape[0]
-        if size == 0:
-            return
-        self.log("val/loss", self._step_loss(batch), prog_bar=True, batch_size=size, sync_dist=True)
-        histories = batch.get("histories") or [[] for _ in batch["instructions"]]
-        samples = [Sample(q, history=h) for q, h in zip(batch["instructions"], histories)]
-        prompts = self.processor.prompts(samples)
-        predictions = self.decode(
-            self.generate_ids(
-                prompts["input_ids"].to(self.device),
-                prompts["attention_mask"].to(self.device),
-                batch.get("images"),
-                **self.eval_generation,
-            )
-        )
-        for prediction, answer, category in zip(predictions, batch["answers"], batch["categories"]):
-            key = metric_key(category)
-            if key not in self.val_accuracy:
-                raise KeyError(f"validation category {key!r} was not declared by the DataModule's `categories`")
-            self.val_accuracy[key].update(float(normalize_answer(prediction) == normalize_answer(answer)))
-
-    def on_validation_epoch_end(self) -> None:
-        # every rank computes every metric (compute() syncs across processes), seen or not
-        for key, metric in self.val_accuracy.items():
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
-                value = metric.compute()
-            if torch.isfinite(value):
-                self.log(f"val/acc/{key}", value)
-            metric.reset()
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
@@ -289,8 +214,8 @@ class LynxModel(L.LightningModule):
             prompts: the instructions (a single string is a batch of one).
             videos: one per prompt, instead of ``images``: video files (``vision.num_frames`` frames sampled at
                 segment centres), frame lists, or a transformed batch ``(B, T, 3, H, W)``.
-            preset: named settings from :data:`lynx_zoo.generation.GENERATION_PRESETS` (``lynx``: the released
-                Lynx evaluation, beams 5; ``greedy``); the model's ``eval_generation`` fills the rest.
+            preset: named settings from :data:`lynx_zoo.generation.GENERATION_PRESETS` over the model's own
+                ``eval_generation`` (the default when no preset is named).
             generation_kwargs: transformers ``generate`` arguments (``num_beams``, ``do_sample``,
                 ``max_new_tokens``, ...); they override the preset. The KV cache is on.
         """
@@ -322,3 +247,125 @@ class LynxModel(L.LightningModule):
         finally:
             self.train(was_training)
         return self.decode(ids)
+
+    # ----------------------------------------------------------------- set-up, weights, training
+    def setup(self, stage: str) -> None:
+        # before Lightning restores a checkpoint of this run (resume), so a resumed run keeps its own weights
+        if stage == "fit" and self.init_from:
+            self.load_weights(self.init_from)
+            self.init_from = None  # once: a second fit() must not go back to the starting weights
+        categories = getattr(getattr(self._trainer, "datamodule", None), "categories", None)
+        keys = sorted({metric_key(c) for c in categories or []})
+        if keys and (self.val_accuracy is None or self.val_accuracy.categories != keys):
+            self.val_accuracy = CategoryAccuracy(keys).to(self.device)
+
+    def configure_model(self) -> None:
+        """Scale-out hook (after ``setup``, so after ``init_from``): activation checkpointing of the decoder
+        layers and FSDP2 sharding when the strategy asks for them (:mod:`lynx_zoo.training.distributed`)."""
+        configure_lynx_model(self)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the weights come from this checkpoint: never re-initialise them from `init_from`
+        self.init_from = None
+
+    def train(self, mode: bool = True) -> LynxModel:
+        """Train mode for the trainable parts; a frozen LLM stays in eval mode (no dropout)."""
+        super().train(mode)
+        if not self.llm_config.trainable:
+            self.llm.eval()
+        return self
+
+    def load_weights(self, path: str) -> None:
+        """Initialise from another lynx_zoo checkpoint's weights, resampling vision position embeddings."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+        resample_vision_pos_embed(state, self.vision, prefix="vision.")
+        own = self.state_dict()
+        mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+        unexpected = [k for k in state if k not in own]
+        if mismatched or unexpected:
+            raise ValueError(
+                f"init_from {path}: does not fit this model: shape mismatches {mismatched[:5]}, "
+                f"unknown keys {unexpected[:5]} (a different fusion, bridge or LLM?)"
+            )
+        self.load_state_dict(state, strict=False)
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer, scheduler = build_optimizer(
+            self.trainable_parameters(), self.trainer.estimated_stepping_batches, self.optimizer_config
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        size = batch["input_ids"].shape[0]
+        distributed = self._trainer is not None and self._trainer.world_size > 1
+        if size == 0:  # every sample was unreadable
+            if not distributed:
+                return None  # nothing to learn from, and no other process waits for this one
+            # this rank must still take part in the collectives the others run (DDP's all-reduce, FSDP's
+            # all-gathers and reduce-scatters): the forward of a placeholder sample, weighted 0
+            loss = self(**self.placeholder_batch()).logits.float().sum() * 0.0
+        else:
+            loss = self(batch["input_ids"], batch["attention_mask"], batch.get("images"), batch["labels"]).loss
+            self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        if isinstance(self._trainer and self._trainer.strategy, DDPStrategy):
+            loss = ddp_anchor(loss, self.trainable_parameters())
+        return loss
+
+    def placeholder_batch(self) -> dict[str, torch.Tensor]:
+        """One sample that runs every part of the model: a blank image and one beginning-of-text token."""
+        token = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.pad_token_id
+        size = self.vision_config.image_size
+        return {
+            "input_ids": torch.tensor([[token]], device=self.device),
+            "attention_mask": torch.ones(1, 1, dtype=torch.long, device=self.device),
+            "images": torch.zeros(1, 3, size, size, device=self.device),
+        }
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The callbacks every lynx_zoo run has: counts of unreadable and truncated samples."""
+        return [SkippedSampleReport()]
+
+    def on_after_backward(self) -> None:
+        fill_missing_grads(self.trainable_parameters())
+
+    # ----------------------------------------------------------------- validation: generated answers
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        size = batch["input_ids"].shape[0]
+        if size == 0:
+            return
+        loss = self(batch["input_ids"], batch["attention_mask"], batch.get("images"), batch["labels"]).loss
+        self.log("val/loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
+        if self.val_accuracy is None:
+            return  # the DataModule declares no categories: the loss is the validation
+        histories = batch.get("histories") or [[] for _ in batch["instructions"]]
+        prompts = self.processor.prompts([Sample(q, history=h) for q, h in zip(batch["instructions"], histories)])
+        ids = self.generate_ids(
+            prompts["input_ids"].to(self.device),
+            prompts["attention_mask"].to(self.device),
+            batch.get("images"),
+            **self.eval_generation,
+        )
+        correct = [normalize_answer(p) == normalize_answer(a) for p, a in zip(self.decode(ids), batch["answers"])]
+        self.val_accuracy.update(correct, [metric_key(c) for c in batch["categories"]])
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_accuracy is None:
+            return
+        with warnings.catch_warnings():  # a rank that saw no batch still joins the sync
+            warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+            accuracy = self.val_accuracy.compute()
+        for category, value in accuracy.items():
+            if category != "overall" and torch.isfinite(value):
+                self.log(f"val/acc/{category}", value)
+        self.val_accuracy.reset()
+
+
+def iter_fusion_classes(base: type[LynxModel] = LynxModel) -> Iterator[type[LynxModel]]:
+    """Every subclass of ``base`` defined so far (imported), depth first."""
+    for sub in base.__subclasses__():
+        yield sub
+        yield from iter_fusion_classes(sub)

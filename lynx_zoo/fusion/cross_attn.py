@@ -21,10 +21,10 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from lynx_zoo.fusion.base import LynxModel, positions_from_mask
-from lynx_zoo.llm.layers import ConditionedBlock, LayerPlacement, attach_block, decoder_layers
+from lynx_zoo.fusion.base import FusedInputs, LynxModel
+from lynx_zoo.fusion.registry import register_model
+from lynx_zoo.llm.layers import InsertedBlock, LayerPlacement, attach_block, decoder_layers
 
 
 @dataclass
@@ -49,7 +49,7 @@ class CrossAttnConfig(LayerPlacement):
     ff_mult: int = 4
 
 
-class GatedCrossAttentionBlock(ConditionedBlock):
+class GatedCrossAttentionBlock(InsertedBlock):
     """``x + tanh(a) * XAttn(LN(x), media)``, then ``x + tanh(f) * FF(LN(x))``; ``a = f = 0`` at init."""
 
     def __init__(self, width: int, num_heads: int, head_dim: int, ff_mult: int) -> None:
@@ -84,6 +84,13 @@ class GatedCrossAttentionBlock(ConditionedBlock):
     def replay_context(self) -> AbstractContextManager[None]:
         return self.attending_to(self.media, self.media_positions)
 
+    def forward_flops(self, text_tokens: int, media_tokens: int) -> float:
+        """Queries, output and feed-forward on every text token; keys and values on the visual tokens only; the
+        attention between them."""
+        kv = self.to_kv.weight.numel()
+        dense = 2.0 * (sum(p.numel() for p in self.parameters()) - kv) * text_tokens + 2.0 * kv * media_tokens
+        return dense + 4.0 * self.to_q.out_features * text_tokens * media_tokens
+
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         media, media_positions = self.media, self.media_positions
         if media is None:
@@ -113,6 +120,7 @@ class GatedCrossAttentionBlock(ConditionedBlock):
         return hidden + (attn_update + ff_update).to(hidden.dtype)
 
 
+@register_model
 class CrossAttnLynx(LynxModel):
     """Flamingo-style fusion: the text goes through the LLM alone and reads the visual tokens through
     gated cross-attention blocks. With ``llm.trainable: false`` the LLM is frozen (the paper's first CA
@@ -123,70 +131,48 @@ class CrossAttnLynx(LynxModel):
         (the other arguments are those of :class:`LynxModel`)
     """
 
+    label = "CA (gated cross-attention)"
+
     def __init__(self, *args: Any, cross_attn: CrossAttnConfig | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.cross_attn_config = cross_attn or CrossAttnConfig()
         config = self.cross_attn_config
         layers = decoder_layers(self.llm)
-        self.cross_attn_layers = config.layer_indices(len(layers))
-        for i in self.cross_attn_layers:
-            block = GatedCrossAttentionBlock(self.llm_width, config.num_heads, config.head_dim, config.ff_mult)
-            attach_block(layers[i], "gated_xattn", block, before=True)
+        self.blocks: dict[int, GatedCrossAttentionBlock] = {}
+        for i in config.layer_indices(len(layers)):
+            self.blocks[i] = GatedCrossAttentionBlock(self.llm_width, config.num_heads, config.head_dim, config.ff_mult)
+            attach_block(layers[i], "gated_xattn", self.blocks[i], before=True)
 
-    def blocks(self) -> list[GatedCrossAttentionBlock]:
-        layers = decoder_layers(self.llm)
-        return [layers[i].gated_xattn for i in self.cross_attn_layers]
-
-    def encode_media(self, images: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, 3, H, W)`` or videos ``(B, T, 3, H, W)`` -> one media per sample ``(B, 1, Q, width)``.
-
-        (The blocks also take several media per sample with their text positions: see :meth:`conditioned_on`.)
-        """
-        return self.encode_images(images)[:, None]
+    def fusion_blocks(self) -> dict[int, GatedCrossAttentionBlock]:
+        return dict(self.blocks)
 
     @contextmanager
-    def conditioned_on(self, media: torch.Tensor | None, media_positions: torch.Tensor | None) -> Iterator[None]:
-        """Give every block the visual tokens (and their positions) for the LLM calls inside."""
-        if media is not None and media_positions is None:
-            media_positions = torch.zeros(media.shape[:2], dtype=torch.long, device=media.device)
-        with ExitStack() as stack:
-            for block in self.blocks():
-                stack.enter_context(block.attending_to(media, media_positions))
-            yield
-
-    def forward(
+    def fused(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        images: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
+        media: torch.Tensor | None,
         media_positions: torch.Tensor | None = None,
-    ) -> CausalLMOutputWithPast:
-        """``media_positions`` ``(B, M)``: where each image appears (default: before the text)."""
-        media = self.encode_media(images) if images is not None else None
-        position_ids = positions_from_mask(attention_mask)
-        with self.conditioned_on(media, media_positions):
-            return self.llm(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                labels=labels,
-                use_cache=False,
-            )
+    ) -> Iterator[FusedInputs]:
+        """The text as it is; every block attends to the visual tokens while the LLM runs.
 
-    def generate_ids(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: torch.Tensor | None, **kwargs: Any
-    ) -> torch.Tensor:
-        media = self.encode_media(images) if images is not None else None
-        with self.conditioned_on(media, None):
-            out = self.llm.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id,
-                **kwargs,
-            )
-        return out[:, input_ids.shape[1] :]
+        ``media`` images or videos are one media item per sample; ``media_positions`` ``(B, M)``: where each
+        appears in the text (default: before it). Several media per sample go to :meth:`attending_to` directly.
+        """
+        visual = None if media is None else self.encode_images(media)[:, None]
+        with self.attending_to(visual, media_positions):
+            yield FusedInputs(attention_mask, input_ids=input_ids)
+
+    @contextmanager
+    def attending_to(self, media: torch.Tensor | None, media_positions: torch.Tensor | None) -> Iterator[None]:
+        """Give every block the visual tokens ``(B, M, Q, width)`` and their text positions ``(B, M)`` (default:
+        all before the text) for the LLM calls inside."""
+        if media is not None and media_positions is None:
+            media_positions = torch.zeros(media.shape[:2], dtype=torch.long, device=media.device)
+        with ExitStack() as stack:
+            for block in self.blocks.values():
+                stack.enter_context(block.attending_to(media, media_positions))
+            yield
 
 
 torch.serialization.add_safe_globals([CrossAttnConfig])

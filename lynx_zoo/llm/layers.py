@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -47,20 +47,28 @@ class LayerPlacement:
         return list(range(self.start, num_layers, self.every))
 
 
-class ConditionedBlock(nn.Module):
-    """A block inserted into a decoder layer that reads per-call inputs set beside the LLM call (a
-    cross-attention block's visual tokens), not passed through the layer's arguments.
+class InsertedBlock(nn.Module):
+    """A module inserted into a decoder layer of the LLM (:func:`attach_block`): an adapter, or a fusion's block.
 
-    Activation checkpointing recomputes the layer in the backward pass, after that call has returned:
-    :meth:`replay_context` is asked at the forward, captures those inputs, and returns the context the
-    recomputation runs in, with them restored.
+    It declares what the zoo's machinery needs to know of it, so that nothing looks for attribute names:
+
+    * :meth:`replay_context`: the per-call inputs it reads beside the layer's arguments (a cross-attention
+      block's visual tokens). Activation checkpointing recomputes the layer in the backward pass, after that
+      call has returned: the context is asked for at the forward and restores those inputs for the recomputation.
+    * :meth:`forward_flops`: its forward FLOPs per sample, for throughput and MFU.
     """
 
     def replay_context(self) -> AbstractContextManager[None]:
-        raise NotImplementedError(f"{type(self).__name__} must implement replay_context")
+        """The context a recomputation of this block's layer runs in (default: it reads nothing beside its input)."""
+        return nullcontext()
+
+    def forward_flops(self, text_tokens: int, media_tokens: int) -> float:
+        """Forward FLOPs for one sample of ``text_tokens`` LLM tokens and ``media_tokens`` visual tokens; by default
+        every LLM token goes through every weight once (2 FLOPs a multiply-add)."""
+        return 2.0 * sum(p.numel() for p in self.parameters()) * text_tokens
 
 
-def attach_block(layer: nn.Module, name: str, block: nn.Module, *, before: bool) -> None:
+def attach_block(layer: nn.Module, name: str, block: InsertedBlock, *, before: bool) -> None:
     """Make ``block`` the child ``name`` of a decoder layer and run it with every call of the layer, without
     touching the layer's code: ``before`` the layer on its input hidden states, as ``block(hidden_states,
     position_ids)`` (a cross-attention block), else on its output hidden states, as ``block(hidden_states)``

@@ -1,8 +1,6 @@
-"""Training pieces: the optimiser and callbacks."""
+"""Training pieces: the optimiser, callbacks, and (in :mod:`lynx_zoo.training.distributed`) scale-out."""
 
+from lynx_zoo.training.callbacks import HeldOutReport, SkippedSampleReport, majority_rates
 from lynx_zoo.training.optim import OptimizerConfig, build_optimizer, lr_factor
 
-__all__ = ["OptimizerConfig", "build_optimizer", "lr_factor"]
-from lynx_zoo.training.callbacks import HeldOutReport, majority_rates  # noqa: E402
-
-__all__ += ["HeldOutReport", "majority_rates"]
+__all__ = ["HeldOutReport", "OptimizerConfig", "SkippedSampleReport", "build_optimizer", "lr_factor", "majority_rates"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lynx_zoo.data.answers import metric_key, normalize_answer
@@ -49,3 +51,39 @@ class HeldOutReport(L.Callback):
         for category in sorted(self.accuracy):
             lines.append(f"  {category:<12}{self.accuracy[category]:>10.3f}{chance.get(category, float('nan')):>10.3f}")
         rank_zero_info("\n".join(lines))
+
+
+class SkippedSampleReport(L.Callback):
+    """Unreadable and truncated training samples, as the DataModule's collate counts them in each batch: logs
+    ``data/skipped`` and ``data/truncated`` per epoch (summed over ranks) and, at each epoch's end,
+    ``data/skipped/<source>/<reason>`` with a one-line summary. Every lynx_zoo model adds it
+    (``LynxModel.configure_callbacks``)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()  # this epoch's unreadable samples by source/reason (this rank)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not isinstance(batch, dict):
+            return
+        self.counts.update(batch.get("skipped", {}))
+        for key in ("skipped", "truncated"):
+            value = float(batch.get(f"num_{key}", 0))
+            pl_module.log(
+                f"data/{key}", value, reduce_fx="sum", on_step=False, on_epoch=True, batch_size=1, sync_dist=True
+            )
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        counts, self.counts = self.counts, Counter()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[dict[str, int]] = [{} for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather_object(gathered, dict(counts))
+            counts = sum((Counter(g) for g in gathered), Counter())
+        for key, count in sorted(counts.items()):
+            pl_module.log(f"data/skipped/{key}", float(count), rank_zero_only=True)
+        if counts:
+            listed = ", ".join(f"{key}: {count}" for key, count in sorted(counts.items()))
+            rank_zero_info(
+                f"epoch {trainer.current_epoch}: skipped {sum(counts.values())} unreadable samples ({listed})"
+            )

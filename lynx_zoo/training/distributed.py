@@ -29,7 +29,7 @@ from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from lynx_zoo.llm.layers import ConditionedBlock, decoder_layers, rehook_attached_blocks
+from lynx_zoo.llm.layers import InsertedBlock, decoder_layers, rehook_attached_blocks
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -143,17 +143,17 @@ def surviving_checkpoint(path: Path) -> Path:
 def sharding_units(model: LynxModel) -> list[nn.Module | list[nn.Module]]:
     """The FSDP2 units of a Lynx model, innermost first (``fully_shard`` must see children before parents).
 
-    Each vision block, bridge layer, cross-attention block (its own unit: it runs from a pre-hook of its
-    decoder layer) and decoder layer (with its adapter) is a unit; so are the input embeddings (PT calls
-    them outside the LLM's forward) and the output head (grouped with the embeddings when tied), then the
-    vision tower, the bridge and the LLM. The model itself is the root (it catches any other parameter).
+    Each vision block, bridge layer, fusion block (:meth:`LynxModel.fusion_blocks`; its own unit: a block that runs
+    before its decoder layer does so before the layer's unshard) and decoder layer (with its adapter) is a unit;
+    so are the input embeddings (PT calls them outside the LLM's forward) and the output head (grouped with the
+    embeddings when tied), then the vision tower, the bridge and the LLM. The model itself is the root (it catches
+    any other parameter).
     """
     units: list[nn.Module | list[nn.Module]] = []
-    units += list(getattr(model.vision.model, "blocks", []))
-    units += list(getattr(model.bridge, "layers", []))
-    layers = decoder_layers(model.llm)
-    units += [layer.gated_xattn for layer in layers if hasattr(layer, "gated_xattn")]
-    units += list(layers)
+    units += list(model.vision.blocks)
+    units += model.bridge.units()
+    units += list(model.fusion_blocks().values())
+    units += list(decoder_layers(model.llm))
     embeddings, head = model.llm.get_input_embeddings(), model.llm.get_output_embeddings()
     if head is not None and head.weight is embeddings.weight:
         units.append([embeddings, head])  # tied: one unit, so the shared weight is sharded once
@@ -220,6 +220,23 @@ def configure_lynx_model(model: LynxModel) -> None:
     )
 
 
+def ddp_anchor(loss: torch.Tensor, parameters: list[tuple[str, nn.Parameter]]) -> torch.Tensor:
+    """``loss`` plus every trainable parameter times 0. DDP (with ``find_unused_parameters`` off) expects a gradient
+    for every trainable parameter at every step; the parameters a batch leaves out (the vision side on text-only
+    data, the frame embedding on images) then get an exact zero. Not for FSDP, whose parameters are sharded outside
+    their unit's forward (it needs no anchor)."""
+    return loss + 0.0 * sum(p.sum() for _, p in parameters)
+
+
+def fill_missing_grads(parameters: list[tuple[str, nn.Parameter]]) -> None:
+    """After the backward: a trainable parameter the step left out gets an exact zero gradient, as DDP's anchor gives
+    it, so every strategy updates alike and the optimizer keeps state for every trainable parameter (which a
+    sharded checkpoint expects when a run resumes)."""
+    for _, param in parameters:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+
+
 def local_parameter_count(module: nn.Module) -> tuple[int, int]:
     """``(elements held by this process, elements of the full model)``: the local shards of sharded
     (DTensor) parameters, the whole of the others."""
@@ -241,10 +258,10 @@ def apply_activation_checkpointing(model: LynxModel) -> int:
     state-dict names stay those of the model; FSDP2's ``fully_shard`` applied afterwards composes with it).
 
     The layer's attached blocks (adapters, cross-attention blocks: :func:`~lynx_zoo.llm.layers.attach_block`)
-    run inside the recomputed region; a :class:`~lynx_zoo.llm.layers.ConditionedBlock` gets the inputs it
-    read at the forward back for the recomputation. A KV cache is kept out of the region. Works with a frozen
-    LLM in eval mode (unlike transformers' switch, which needs ``training``). Idempotent; returns the number of
-    checkpointed layers.
+    run inside the recomputed region, and get the inputs they read beside the layer's arguments at the forward
+    back for the recomputation (:meth:`~lynx_zoo.llm.layers.InsertedBlock.replay_context`). A KV cache is kept out
+    of the region. Works with a frozen LLM in eval mode (unlike transformers' switch, which needs ``training``).
+    Idempotent; returns the number of checkpointed layers.
     """
     layers = decoder_layers(model.llm)
     for layer in layers:
@@ -271,11 +288,11 @@ def _without_kv_cache(layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> 
 
 
 def _replay_context_fn(layer: nn.Module) -> Callable[[], tuple[AbstractContextManager, AbstractContextManager]]:
-    """``context_fn`` of the checkpoint of ``layer``: at the forward, every :class:`ConditionedBlock` inside
+    """``context_fn`` of the checkpoint of ``layer``: at the forward, every :class:`InsertedBlock` inside
     captures its per-call inputs; the recomputation in the backward pass runs with them restored."""
 
     def context_fn() -> tuple[AbstractContextManager, AbstractContextManager]:
-        replays = [m.replay_context() for m in layer.modules() if isinstance(m, ConditionedBlock)]
+        replays = [m.replay_context() for m in layer.modules() if isinstance(m, InsertedBlock)]
         return contextlib.nullcontext(), _entered(replays)
 
     return context_fn
@@ -296,18 +313,15 @@ def _fsdp1_unit_types() -> tuple[type[nn.Module], ...]:
     from transformers import PreTrainedModel
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from lynx_zoo.adapters.bottleneck import BottleneckAdapter
     from lynx_zoo.bridge.bridges import PerceiverResampler, ResamplerLayer
-    from lynx_zoo.fusion.cross_attn import GatedCrossAttentionBlock
     from lynx_zoo.vision.encoder import VisionEncoder
 
-    # decoder layers (every transformers 5 decoder layer is a GradientCheckpointingLayer); adapters and
-    # cross-attention blocks on their own (FSDP1 flattens one dtype per unit: fp32 beside a bf16 LLM);
+    # decoder layers (every transformers 5 decoder layer is a GradientCheckpointingLayer); the blocks inserted into
+    # them (adapters, fusion blocks) on their own (FSDP1 flattens one dtype per unit: fp32 beside a bf16 LLM);
     # ViT/EVA blocks, the vision tower, the resampler and its layers, and the whole LLM
     return (
         GradientCheckpointingLayer,
-        BottleneckAdapter,
-        GatedCrossAttentionBlock,
+        InsertedBlock,
         Block,
         EvaBlock,
         VisionEncoder,

@@ -32,15 +32,11 @@ if TYPE_CHECKING:
     from lynx_zoo.fusion.base import LynxModel
 
 
-def _numel(module: nn.Module | None, trainable: bool | None = None, skip: str | None = None) -> int:
-    """Parameters of ``module`` (only trainable / only frozen ones if ``trainable`` is set; none under ``skip``)."""
+def _numel(module: nn.Module | None, trainable: bool | None = None) -> int:
+    """Parameters of ``module`` (only trainable / only frozen ones if ``trainable`` is set)."""
     if module is None:
         return 0
-    return sum(
-        p.numel()
-        for n, p in module.named_parameters()
-        if (trainable is None or p.requires_grad == trainable) and not (skip and n.startswith(skip))
-    )
+    return sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable)
 
 
 def _attention(width: int, layers: int, tokens: int, queries: int | None = None) -> float:
@@ -68,50 +64,45 @@ def lynx_step_flops(
 
     # vision tower: every token of every image (attention counted with the frozen or trainable work)
     vision = model.vision
-    attention = images * _attention(vision.width, len(getattr(vision.model, "blocks", [])), vision_tokens)
+    attention = images * _attention(vision.width, len(vision.blocks), vision_tokens)
     vision_trainable = _numel(vision, True) > 0
     frozen = images * tower(vision, vision_tokens, False) + (0 if vision_trainable else attention)
     trainable = images * tower(vision, vision_tokens, True) + (attention if vision_trainable else 0)
     total = _cost(frozen, trainable, False, backward)
     grad_flows = vision_trainable
 
-    # bridge: a resampler's latents read the vision tokens (its key/value projections run on those)
-    layers = getattr(model.bridge, "layers", None)
-    if layers is not None and hasattr(model.bridge, "num_queries"):
-        visual_tokens = model.bridge.num_queries
-        kv = sum(_numel(layer.to_kv) + _numel(layer.norm_media) for layer in layers)
-        bridge = 2.0 * (_numel(model.bridge) - kv) * visual_tokens + 2.0 * kv * vision_tokens
-        bridge += _attention(layers[0].to_q.out_features, len(layers), vision_tokens, visual_tokens)
-    else:
-        visual_tokens = vision_tokens
-        bridge = 2.0 * _numel(model.bridge) * vision_tokens
+    # bridge (it declares its output tokens and FLOPs: a resampler's latents read the vision tokens)
+    visual_tokens = model.bridge.output_tokens(vision_tokens)
+    bridge = images * model.bridge.forward_flops(vision_tokens)
     bridge_trainable = _numel(model.bridge, True) > 0
-    total += _cost(0 if bridge_trainable else images * bridge, images * bridge if bridge_trainable else 0,
-                   grad_flows, backward)  # fmt: skip
+    total += _cost(0 if bridge_trainable else bridge, bridge if bridge_trainable else 0, grad_flows, backward)
     grad_flows = grad_flows or bridge_trainable
 
-    # LLM: decoder layers in order (adapters and cross-attention blocks with them), then the output head
-    prefix = hasattr(model, "prefix_inputs")  # PT: the visual tokens enter the LLM as a prefix
+    # LLM: decoder layers in order (adapters and fusion blocks with them), then the output head
     media = visual_tokens * images_per_sample
-    tokens = text_tokens + (media if prefix else 0)
-    llm_grad = (grad_flows and prefix) or _numel(model.llm.get_input_embeddings(), True) > 0
+    tokens = text_tokens + (media if model.media_in_sequence else 0)
+    llm_grad = (grad_flows and model.media_in_sequence) or _numel(model.llm.get_input_embeddings(), True) > 0
     width = model.llm_width
-    for layer in decoder_layers(model.llm):
-        block = getattr(layer, "gated_xattn", None)
-        if block is not None:
-            kv = _numel(block.to_kv)
-            work = 2.0 * (_numel(block) - kv) * tokens + 2.0 * kv * media
-            work = batch_size * (work + _attention(block.to_q.out_features, 1, tokens, media))
+    fusion_blocks = model.fusion_blocks()
+    for index, layer in enumerate(decoder_layers(model.llm)):
+        block = fusion_blocks.get(index)
+        if block is not None:  # a fusion block runs before its layer
+            work = batch_size * block.forward_flops(tokens, media)
             block_trainable = _numel(block, True) > 0
             total += _cost(0 if block_trainable else work, work if block_trainable else 0, llm_grad, backward)
             llm_grad = llm_grad or block_trainable or grad_flows
-        frozen = batch_size * (2.0 * _numel(layer, False, "gated_xattn") * tokens + _attention(width, 1, tokens))
-        trainable = batch_size * 2.0 * _numel(layer, True, "gated_xattn") * tokens
+        own = [(p, p.requires_grad) for p in layer.parameters() if block is None or not _holds(block, p)]
+        frozen = batch_size * (2.0 * sum(p.numel() for p, t in own if not t) * tokens + _attention(width, 1, tokens))
+        trainable = batch_size * 2.0 * sum(p.numel() for p, t in own if t) * tokens
         total += _cost(frozen, trainable, llm_grad, backward)
         llm_grad = llm_grad or trainable > 0
     head = model.llm.get_output_embeddings()
     frozen, trainable = (batch_size * 2.0 * _numel(head, t) * tokens for t in (False, True))
     return total + _cost(frozen, trainable, llm_grad, backward)
+
+
+def _holds(module: nn.Module, param: nn.Parameter) -> bool:
+    return any(p is param for p in module.parameters())
 
 
 def batch_size_of(batch: dict[str, Any]) -> int:

@@ -92,6 +92,11 @@ class VisionEncoder(nn.Module):
             self.model.requires_grad_(False)
             self.model.eval()
 
+    @property
+    def blocks(self) -> nn.Sequential:
+        """The tower's transformer blocks (each an FSDP unit of its own)."""
+        return self.model.blocks
+
     def train(self, mode: bool = True) -> VisionEncoder:
         """A frozen tower stays in eval mode (no dropout / drop-path) whatever the trainer asks."""
         super().train(mode)
