@@ -25,7 +25,7 @@ from lynx_zoo.adapters import AdapterConfig, insert_adapters
 from lynx_zoo.bridge import BridgeConfig, build_bridge
 from lynx_zoo.data.answers import metric_key, normalize_answer
 from lynx_zoo.data.processor import LynxProcessor, PromptConfig, Sample
-from lynx_zoo.generation import ImageLike, VideoLike, generation_settings, image_batch, video_batch
+from lynx_zoo.generation import ImageLike, VideoLike, generation_settings, image_batch, seeded, video_batch
 from lynx_zoo.llm import LLMConfig, build_llm, load_tokenizer
 from lynx_zoo.training.optim import OptimizerConfig, build_optimizer
 from lynx_zoo.vision import VisionConfig, VisionEncoder, resample_vision_pos_embed
@@ -87,7 +87,9 @@ class LynxModel(L.LightningModule):
         # Lynx's video encoding: a learned embedding per frame, added to that frame's tokens
         self.frame_position = nn.Parameter(torch.zeros(1, self.vision_config.num_frames, 1, self.vision.width))
         nn.init.trunc_normal_(self.frame_position, std=0.02)
-        self.processor = LynxProcessor(tokenizer, prompt or PromptConfig(), self.vision.image_transform())
+        self.processor = LynxProcessor(
+            tokenizer, prompt or PromptConfig(), self.vision.image_transform(), self.vision.train_image_transform()
+        )
         self.val_accuracy = nn.ModuleDict()
         self.skipped_samples: Counter = Counter()  # this epoch's unreadable samples by source/reason (this rank)
         self.init_from = init_from
@@ -209,10 +211,15 @@ class LynxModel(L.LightningModule):
 
     def unused_parameters(self, images: torch.Tensor | None) -> list[nn.Parameter]:
         """Trainable parameters a batch leaves out: the frame embedding without videos; the vision side, the
-        bridge and the cross-attention blocks without any media (text-only data). The training loss adds them
-        times 0 under DDP, which expects a gradient for every trainable parameter at every step (FSDP does not)."""
+        bridge and the cross-attention blocks' attention without any media (text-only data; their gated
+        feed-forward still runs). The training loss adds them times 0 under DDP, which expects a gradient for
+        every trainable parameter at every step (FSDP does not)."""
         if images is None:
-            return [p for n, p in self.trainable_parameters() if not n.startswith("llm.") or ".gated_xattn." in n]
+            return [
+                p
+                for n, p in self.trainable_parameters()
+                if not n.startswith("llm.") or (".gated_xattn." in n and ".gated_xattn.ff" not in n)
+            ]
         return [self.frame_position] if images.dim() == 4 and self.frame_position.requires_grad else []
 
     def on_train_epoch_end(self) -> None:
@@ -244,14 +251,15 @@ class LynxModel(L.LightningModule):
         histories = batch.get("histories") or [[] for _ in batch["instructions"]]
         samples = [Sample(q, history=h) for q, h in zip(batch["instructions"], histories)]
         prompts = self.processor.prompts(samples)
-        predictions = self.decode(
-            self.generate_ids(
+        settings = dict(self.eval_generation)
+        with seeded(settings.pop("seed", None), self.device):
+            ids = self.generate_ids(
                 prompts["input_ids"].to(self.device),
                 prompts["attention_mask"].to(self.device),
                 batch.get("images"),
-                **self.eval_generation,
+                **settings,
             )
-        )
+        predictions = self.decode(ids)
         for prediction, answer, category in zip(predictions, batch["answers"], batch["categories"]):
             key = metric_key(category)
             if key not in self.val_accuracy:
@@ -290,9 +298,12 @@ class LynxModel(L.LightningModule):
             videos: one per prompt, instead of ``images``: video files (``vision.num_frames`` frames sampled at
                 segment centres), frame lists, or a transformed batch ``(B, T, 3, H, W)``.
             preset: named settings from :data:`lynx_zoo.generation.GENERATION_PRESETS` (``lynx``: the released
-                Lynx evaluation, beams 5; ``greedy``); the model's ``eval_generation`` fills the rest.
+                Lynx evaluation, 5-beam sampling seeded with 42; ``lynx-beam``: the same beams without sampling;
+                ``greedy``); the model's ``eval_generation`` fills the rest.
             generation_kwargs: transformers ``generate`` arguments (``num_beams``, ``do_sample``,
-                ``max_new_tokens``, ...); they override the preset. The KV cache is on.
+                ``max_new_tokens``, ...); they override the preset. The KV cache is on. ``seed=N`` seeds torch's
+                generators for this call (and restores them after), so sampled answers repeat; ``seed=None``
+                samples from the generators as they are.
         """
         if prompts is None:
             raise TypeError("generate: `prompts` is required (one instruction per image/video)")
@@ -310,15 +321,17 @@ class LynxModel(L.LightningModule):
             raise ValueError(f"generate: {len(media)} {kind} for {len(prompts)} prompts")
         batch = self.processor.prompts([Sample(p) for p in prompts])
         kwargs = generation_settings(preset, self.eval_generation, generation_kwargs)
+        seed = kwargs.pop("seed", None)
         was_training = self.training
         self.eval()
         try:
-            ids = self.generate_ids(
-                batch["input_ids"].to(self.device),
-                batch["attention_mask"].to(self.device),
-                None if media is None else media.to(self.device),
-                **kwargs,
-            )
+            with seeded(seed, self.device):
+                ids = self.generate_ids(
+                    batch["input_ids"].to(self.device),
+                    batch["attention_mask"].to(self.device),
+                    None if media is None else media.to(self.device),
+                    **kwargs,
+                )
         finally:
             self.train(was_training)
         return self.decode(ids)
