@@ -139,3 +139,17 @@ def test_the_datamodules_hand_the_training_transform_to_training_sources_only(ma
 @pytest.fixture(autouse=True)
 def _variants_home(tmp_path, monkeypatch):
     monkeypatch.setenv("LYNX_ZOO_VARIANTS", str(tmp_path / "variants"))
+
+
+def test_the_real_lynx_evaluation_transform_is_the_releases():
+    vision = real_lynx_init_args()["vision"]
+    config = VisionConfig(**{**vision, "checkpoint_path": None})
+    with torch.device("meta"):
+        encoder = VisionEncoder(config)
+    resize, crop, _, normalize = encoder.image_transform().transforms
+    assert (
+        resize.size == 420 and resize.interpolation == transforms.InterpolationMode.BICUBIC and crop.size == (420, 420)
+    )
+    # dataset/__init__.py: image_mean / image_std of configs/LYNX.yaml (CLIP's)
+    assert normalize.mean == (0.48145466, 0.4578275, 0.40821073)
+    assert normalize.std == (0.26862954, 0.26130258, 0.27577711)
