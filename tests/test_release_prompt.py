@@ -12,8 +12,7 @@ import pytest
 import sentencepiece
 import yaml
 
-from lynx_zoo.data import LynxProcessor, PromptConfig, Sample
-from lynx_zoo.data.processor import PromptCutWarning
+from lynx_zoo.data import LynxProcessor, PromptConfig, PromptCutWarning, Sample
 from lynx_zoo.llm import LLMConfig, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
