@@ -134,3 +134,15 @@ def test_truncation_keeps_the_whole_answer_when_the_formatted_prompt_tokenizes_d
         assert truncated and len(ids) <= 24
         assert [label for label in labels if label != IGNORE_INDEX] == answer_ids
         assert tokenizer.decode(ids, skip_special_tokens=True).endswith(("bot: " if lower_text else "Bot: ") + answer)
+
+
+def test_lower_text_lowers_the_rendered_prompt_and_the_earlier_lower_case_the_instruction_only():
+    assert processor(lower_text=True).format_prompt("WHAT Color?") == "user: what color?\nbot:"
+    assert processor(lower_case=True).format_prompt("WHAT Color?") == "User: what color?\nBot:"
+    assert processor().format_prompt("WHAT Color?") == "User: WHAT Color?\nBot:"
+    # variants exported before lower_text existed name lower_case in their config.json: they still load
+    from lynx_zoo import PrefixLynx
+    from lynx_zoo.hub.config import decode_init_args
+
+    saved = {"prompt": {"template": "User: {instruction}\nBot:", "max_length": 32, "lower_case": False}}
+    assert decode_init_args(PrefixLynx, saved, "config.json")["prompt"] == PromptConfig(max_length=32)

@@ -61,12 +61,15 @@ class PromptConfig:
             release's evaluation does (``max_input_tokens: 40``): the question's end and ``bot:`` stay, its start
             goes. Each cut is counted (``num_cut`` of the batch) and warned about (:class:`PromptCutWarning`).
             ``None``: no limit.
+        lower_case: lower-case the instruction only (the setting before ``lower_text``; kept so that configs and
+            variants saved with it load and behave as they did).
     """
 
     template: str = "User: {instruction}\nBot:"
     max_length: int = 256
     lower_text: bool = False
     max_input_tokens: int | None = None
+    lower_case: bool = False
 
 
 class LynxProcessor:
@@ -98,7 +101,7 @@ class LynxProcessor:
 
     def format_prompt(self, instruction: str) -> str:
         """The rendered prompt of one instruction (lower-cased as a whole with ``lower_text``)."""
-        text = self.prompt.template.format(instruction=instruction)
+        text = self.prompt.template.format(instruction=instruction.lower() if self.prompt.lower_case else instruction)
         return text.lower() if self.prompt.lower_text else text
 
     def _prompt_ids(self, instruction: str) -> list[int]:
