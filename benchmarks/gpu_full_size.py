@@ -45,6 +45,7 @@ def build(variant: str) -> Any:
     """The model of a shipped config with random weights, on the GPU."""
     args = [a for path in VARIANTS[variant] for a in ("--config", str(path))] + [
         "--model.init_args.vision.pretrained=false",
+        '--model.init_args.vision={"checkpoint_path": null}',  # random weights: no EVA file
         "--model.init_args.llm.pretrained=false",
         f"--model.init_args.llm.tokenizer={llama_tokenizer_dir()}",
         "--trainer.accelerator=cpu",  # the CLI's trainer is not used

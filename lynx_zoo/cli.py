@@ -100,7 +100,8 @@ def shipped_config_args(argv: list[str]) -> list[str]:
 def main(args: list[str] | None = None) -> Any:
     """Entry point of ``python -m lynx_zoo`` and the ``lynx-zoo`` script.
 
-    ``evaluate`` and ``report`` are the evaluation commands (:mod:`lynx_zoo.evaluation.cli`); ``export``,
+    ``stages`` trains a config through the paper's stages (:mod:`lynx_zoo.stages`); ``evaluate`` and ``report``
+    are the evaluation commands (:mod:`lynx_zoo.evaluation.cli`); ``export``,
     ``chat``, ``variants``, ``cards``, ``convert-lynx`` and ``predict --image/--video`` (a question about a file)
     are the variant commands (:mod:`lynx_zoo.hub.cli`); everything else goes to LightningCLI (``fit``,
     ``validate``, ``test``, ``predict`` with a DataModule).
@@ -111,6 +112,10 @@ def main(args: list[str] | None = None) -> Any:
         sys.exit(f"lynx_zoo: error: {err}")
     if args is None:
         sys.argv[1:] = argv  # LightningCLI parses the process's own arguments
+    if argv and argv[0] == "stages":
+        from lynx_zoo.stages import main as run_stages
+
+        return run_stages(argv[1:])
     if argv and argv[0] in EVALUATION_COMMANDS:
         from lynx_zoo.evaluation.cli import run_command
 

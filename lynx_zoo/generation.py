@@ -2,37 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 from PIL import Image
 
-# ``generate(..., preset=NAME)``: transformers generation settings (explicit keyword arguments win).
+# ``generate(..., preset=NAME)``: transformers generation settings (explicit keyword arguments win), plus ``seed``.
 GENERATION_PRESETS: dict[str, dict[str, Any]] = {
-    # the released Lynx evaluation (configs/LYNX.yaml of bytedance/lynx-llm): 5 beams, 64 new tokens, at least
-    # 2 (its min_length counts new tokens only, the prompt being embeddings), length penalty -2, no repeated
-    # bigram. The release also sets use_nucleus_sampling: True (beam sampling): that is "lynx-sampled".
+    # the released Lynx evaluation (configs/LYNX.yaml and generate.sh of bytedance/lynx-llm): beam sampling
+    # (use_nucleus_sampling: True) over 5 beams with top-p 0.9 and top-k 3, length penalty -2, no repeated bigram,
+    # at least 2 and at most 64 new tokens (its min_length counts new tokens only, the prompt being embeddings),
+    # seeded with its default seed 42 at each call so that a run repeats
     "lynx": dict(
-        num_beams=5, max_new_tokens=64, min_new_tokens=2, length_penalty=-2.0, no_repeat_ngram_size=2, do_sample=False
-    ),
-    "lynx-sampled": dict(
         num_beams=5,
-        max_new_tokens=64,
-        min_new_tokens=2,
-        length_penalty=-2.0,
-        no_repeat_ngram_size=2,
         do_sample=True,
         top_p=0.9,
         top_k=3,
+        length_penalty=-2.0,
+        no_repeat_ngram_size=2,
+        min_new_tokens=2,
+        max_new_tokens=64,
+        seed=42,
+    ),
+    # the same beam search without sampling: deterministic without a seed
+    "lynx-beam": dict(
+        num_beams=5, do_sample=False, length_penalty=-2.0, no_repeat_ngram_size=2, min_new_tokens=2, max_new_tokens=64
     ),
     "greedy": dict(num_beams=1, do_sample=False),
 }
-
-ImageLike = Union[Image.Image, str, Path, torch.Tensor]
-VideoLike = Union[str, Path, Sequence[ImageLike], torch.Tensor]
-Transform = Callable[[Image.Image], torch.Tensor]
 
 
 def generation_settings(preset: str | None, defaults: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -40,6 +40,25 @@ def generation_settings(preset: str | None, defaults: dict[str, Any], overrides:
     if preset is not None and preset not in GENERATION_PRESETS:
         raise ValueError(f"generate: unknown preset {preset!r}; choose one of {sorted(GENERATION_PRESETS)}")
     return {**defaults, **(GENERATION_PRESETS[preset] if preset else {}), **overrides}
+
+
+@contextmanager
+def seeded(seed: int | None, device: torch.device | str) -> Iterator[None]:
+    """Run the block with torch's generators (CPU, and ``device``'s if it is an accelerator) seeded with ``seed``,
+    then give them back their state: sampling inside repeats from run to run, and nothing outside is disturbed.
+    ``None`` changes nothing."""
+    if seed is None:
+        yield
+        return
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+ImageLike = Union[Image.Image, str, Path, torch.Tensor]
+VideoLike = Union[str, Path, Sequence[ImageLike], torch.Tensor]
+Transform = Callable[[Image.Image], torch.Tensor]
 
 
 def open_image(path: str | Path) -> Image.Image:

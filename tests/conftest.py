@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,13 @@ def shapes_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("shapes")
     write_shapes_vqa(root, num_train=64, num_val=16, image_size=32, seed=1)
     return root
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer_dir(tmp_path_factory) -> str:
+    """A folder with the LLaMA-layout SentencePiece tokenizer (32,000 pieces) shipped in the mistral-common wheel."""
+    spec = importlib.util.find_spec("mistral_common")
+    source = Path(spec.origin).parent / "data" / "tokenizer.model.v1"
+    target = tmp_path_factory.mktemp("llama_tok")
+    shutil.copy(source, target / "tokenizer.model")
+    return str(target)

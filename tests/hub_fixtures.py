@@ -59,9 +59,21 @@ def fixed_inputs(batch: int = 2, seed: int = 7) -> dict[str, torch.Tensor]:
 ADAPTER_NAMES = {"norm": "adapter_norm_before", "down": "adapter_down", "up": "adapter_up"}
 
 
+def release_tower_layout(key: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One timm tower weight as the release's tower holds it (models/vits/eva_vit.py, StableAttention): each
+    block's fused qkv split into q_proj/k_proj/v_proj, k without a bias, under ``vision_encoder.``."""
+    if match := re.fullmatch(r"(blocks\.\d+\.attn)\.qkv\.(weight|bias)", key):
+        q, k, v = value.chunk(3)
+        if match[2] == "bias":
+            assert not k.any(), "the release's k projection has no bias"
+            return {f"vision_encoder.{match[1]}.q_proj.bias": q, f"vision_encoder.{match[1]}.v_proj.bias": v}
+        return {f"vision_encoder.{match[1]}.{n}_proj.weight": t for n, t in zip("qkv", (q, k, v))}
+    return {f"vision_encoder.{key}": value}
+
+
 def to_original_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A lynx_zoo PT state dict renamed as the original release names it (models/lynx.py, resampler.py,
-    modeling_llama.py of bytedance/lynx-llm)."""
+    """A lynx_zoo PT state dict renamed as the original release names it (models/lynx.py, eva_vit.py,
+    resampler.py, modeling_llama.py of bytedance/lynx-llm)."""
     original = {}
     for key, value in state.items():
         if key == "frame_position":
@@ -77,7 +89,7 @@ def to_original_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         elif match := re.fullmatch(r"llm\.model\.layers\.(\d+)\.adapter\.(\w+)\.(\w+)", key):
             original[f"LLM.model.layers.{match[1]}.output_adapter.{ADAPTER_NAMES[match[2]]}.{match[3]}"] = value
         elif key.startswith("vision.model."):
-            original["vision_encoder." + key.removeprefix("vision.model.")] = value
+            original.update(release_tower_layout(key.removeprefix("vision.model."), value))
         elif key.startswith("llm."):
             original["LLM." + key.removeprefix("llm.")] = value
         else:

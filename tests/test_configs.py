@@ -1,7 +1,5 @@
 """Every shipped config parses; the real Lynx config builds on the meta device with the reference's sizes."""
 
-import importlib.util
-import shutil
 from pathlib import Path
 
 import pytest
@@ -71,20 +69,11 @@ def test_the_stage_configs_chain_with_the_papers_schedule():
     assert {"TextSource", "ImageTextSource", "ConversationSource", "VideoQASource"} <= kinds
 
 
-@pytest.fixture(scope="module")
-def llama_tokenizer_dir(tmp_path_factory) -> str:
-    """The LLaMA-layout SentencePiece tokenizer (32,000 pieces) shipped in the mistral-common wheel."""
-    spec = importlib.util.find_spec("mistral_common")
-    source = Path(spec.origin).parent / "data" / "tokenizer.model.v1"
-    target = tmp_path_factory.mktemp("llama_tok")
-    shutil.copy(source, target / "tokenizer.model")
-    return str(target)
-
-
 def build_on_meta(paths: list[Path], tokenizer_dir: str):
     """The model of a config with random weights on the meta device (no download, no memory)."""
     args = config_args(paths) + [
         "--model.init_args.vision.pretrained=false",
+        '--model.init_args.vision={"checkpoint_path": null}',  # no weights: a meta build
         "--model.init_args.llm.pretrained=false",
         f"--model.init_args.llm.tokenizer={tokenizer_dir}",
         "--trainer.accelerator=cpu",

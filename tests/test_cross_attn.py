@@ -103,3 +103,47 @@ def test_pt_and_ca_share_everything_but_the_fusion(make_tiny):
     ca_names = set(ca.state_dict())
     assert pt_names <= ca_names
     assert all(".gated_xattn." in n for n in ca_names - pt_names)
+
+
+def text_only(model):
+    qa = [("what shape is a ball?", "circle"), ("what color is grass?", "green")]
+    return model.processor([Sample(q, a) for q, a in qa])
+
+
+def test_text_only_batches_run_the_gated_feed_forward_as_openflamingo(make_tiny):
+    model = make_tiny(CrossAttnLynx, **CA)
+    batch = text_only(model)
+    assert batch["images"] is None
+    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    plain = model.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=position_ids)
+    # gates closed: exactly the frozen LLM, text-only too
+    closed = model(batch["input_ids"], batch["attention_mask"], None, batch["labels"])
+    torch.testing.assert_close(closed.logits, plain.logits, rtol=0, atol=0)
+    # ... and the feed-forward's gate already learns from text: its gradient is the feed-forward's output
+    closed.loss.backward()
+    for block in model.blocks():
+        assert block.ff_gate.grad is not None and block.ff_gate.grad.abs().item() > 0
+        assert all(p.grad is None for p in (block.attn_gate, block.to_q.weight, block.to_kv.weight))
+    # gates open: the feed-forward changes every token of a text-only batch and its weights get gradient
+    model.zero_grad()
+    open_gates(model)
+    opened = model(batch["input_ids"], batch["attention_mask"], None, batch["labels"])
+    assert not torch.allclose(opened.logits, plain.logits)
+    opened.loss.backward()
+    for block in model.blocks():
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in block.ff.parameters())
+        assert block.to_q.weight.grad is None  # no media: the attention contributes nothing
+
+
+def test_tokens_before_the_media_pass_through_the_feed_forward_but_read_nothing():
+    torch.manual_seed(0)
+    block = GatedCrossAttentionBlock(16, num_heads=2, head_dim=8, ff_mult=2)
+    block.attn_gate.data.fill_(1.0)
+    block.ff_gate.data.fill_(1.0)
+    x = torch.randn(1, 6, 16)
+    block.media, block.media_positions = torch.randn(1, 1, 3, 16), torch.tensor([[3]])
+    out = block(x, torch.arange(6)[None])
+    # before the image: x + tanh(1) * FF(x) exactly (a zero attention output, then the gated feed-forward)
+    torch.testing.assert_close(out[:, :3], x[:, :3] + torch.tanh(torch.ones(1)) * block.ff(x[:, :3]))
+    block.media = None  # a text-only call: the same for every token
+    torch.testing.assert_close(block(x, torch.arange(6)[None]), x + torch.tanh(torch.ones(1)) * block.ff(x))

@@ -7,6 +7,7 @@ import pickle
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from hub_fixtures import fixed_inputs, make_model, to_original_layout, write_bases
 
@@ -22,6 +23,10 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("convert")
     bases = write_bases(root)
     model = make_model(bases)
+    with torch.no_grad():  # a tower the release's layout can hold: no bias on k
+        for block in model.vision.model.blocks:
+            width = block.attn.qkv.bias.shape[0] // 3
+            block.attn.qkv.bias[width : 2 * width] = 0
     checkpoint = root / "finetune_lynx.pt"
     torch.save({"model": to_original_layout(model.state_dict())}, checkpoint)
     overlay = root / "bases.yaml"
@@ -30,7 +35,9 @@ def setup(tmp_path_factory):
         f"    vision: {{checkpoint_path: {bases['vision'].checkpoint_path}}}\n"
         f"    llm: {{model: {bases['llm'].model}, pretrained: true}}\n"
     )
-    return dict(root=root, model=model, checkpoint=checkpoint, configs=[REPO / "configs/tiny.yaml", overlay])
+    return dict(
+        root=root, model=model, bases=bases, checkpoint=checkpoint, configs=[REPO / "configs/tiny.yaml", overlay]
+    )
 
 
 def test_an_original_checkpoint_converts_to_a_variant_with_identical_outputs(setup, tmp_path):
@@ -46,11 +53,34 @@ def test_an_original_checkpoint_converts_to_a_variant_with_identical_outputs(set
         # the frame-position embedding came over: videos give the same visual tokens
         assert torch.equal(loaded.encode_images(videos), setup["model"].encode_images(videos))
     config = json.loads((out / "config.json").read_text())
-    base_keys = sum(
-        1 for k in setup["model"].state_dict() if k.startswith(("vision.", "llm.")) and ".adapter." not in k
-    )
+    # the tower came from the checkpoint (q/k/v fused again) and is stored; only the frozen LLM is referenced
+    base_keys = sum(1 for k in setup["model"].state_dict() if k.startswith("llm.") and ".adapter." not in k)
     assert config["conversion"]["base_keys_not_copied"] == base_keys
+    assert config["conversion"]["vision_tower"] == "from the checkpoint"
+    assert config["init_args"]["vision"]["checkpoint_path"] is None
+    assert "vision.model.blocks.0.attn.qkv.weight" in config["weights"]["keys"]
     assert (out / "README.md").read_text().startswith("---\nlicense:")
+
+
+def test_a_checkpoint_without_a_tower_keeps_the_configs_vision_base(setup, tmp_path):
+    state = torch.load(setup["checkpoint"], weights_only=True)["model"]
+    torch.save({k: v for k, v in state.items() if not k.startswith("vision_encoder.")}, tmp_path / "no_tower.pt")
+    out = convert_lynx(tmp_path / "no_tower.pt", tmp_path / "out", configs=setup["configs"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["conversion"]["vision_tower"] == "from the config's vision base"
+    assert config["init_args"]["vision"]["checkpoint_path"] == str(setup["bases"]["vision"].checkpoint_path)
+    assert not any(k.startswith("vision.") for k in config["weights"]["keys"])
+    loaded = load_pretrained(out)
+    base = safetensors.torch.load_file(setup["bases"]["vision"].checkpoint_path)
+    torch.testing.assert_close(loaded.vision.model.blocks[0].attn.qkv.bias, base["blocks.0.attn.qkv.bias"])
+
+
+def test_a_tower_with_a_k_bias_is_refused(setup, tmp_path):
+    state = torch.load(setup["checkpoint"], weights_only=True)["model"]
+    state["vision_encoder.blocks.0.attn.k_proj.bias"] = torch.ones(32)
+    torch.save(state, tmp_path / "k_bias.pt")
+    with pytest.raises(ValueError, match=r"blocks.0.attn.k_proj has a nonzero bias"):
+        convert_lynx(tmp_path / "k_bias.pt", tmp_path / "out", configs=setup["configs"])
 
 
 def test_a_config_that_does_not_fit_names_the_keys(setup, tmp_path):

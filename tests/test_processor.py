@@ -98,7 +98,7 @@ def test_a_sample_whose_answer_cannot_fit_is_dropped_and_counted():
 
 
 def test_prompts_for_generation_have_no_answer():
-    proc = processor(lower_case=True)
+    proc = processor(lower_text=True)
     batch = proc.prompts([Sample("WHAT color is the circle?")])
     assert "labels" not in batch
     assert proc.tokenizer.convert_ids_to_tokens(batch["input_ids"][0])[-2:] == ["bot", ":"]
@@ -127,10 +127,22 @@ def test_truncation_keeps_the_whole_answer_when_the_formatted_prompt_tokenizes_d
     tokenizer.pad_token = tokenizer.unk_token
     answer = "a bright red circle"
     answer_ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    for lower_case in (True, False):
-        proc = LynxProcessor(tokenizer, PromptConfig(max_length=24, lower_case=lower_case), lambda image: image)
+    for lower_text in (True, False):
+        proc = LynxProcessor(tokenizer, PromptConfig(max_length=24, lower_text=lower_text), lambda image: image)
         question = "WHAT COLOUR IS THE LARGE SHAPE IN THE TOP LEFT CORNER OF THE PICTURE?"
         ids, labels, truncated = proc.encode(Sample(question, answer))
         assert truncated and len(ids) <= 24
         assert [label for label in labels if label != IGNORE_INDEX] == answer_ids
-        assert tokenizer.decode(ids, skip_special_tokens=True).endswith("Bot: " + answer)
+        assert tokenizer.decode(ids, skip_special_tokens=True).endswith(("bot: " if lower_text else "Bot: ") + answer)
+
+
+def test_lower_text_lowers_the_rendered_prompt_and_the_earlier_lower_case_the_instruction_only():
+    assert processor(lower_text=True).format_prompt("WHAT Color?") == "user: what color?\nbot:"
+    assert processor(lower_case=True).format_prompt("WHAT Color?") == "User: what color?\nBot:"
+    assert processor().format_prompt("WHAT Color?") == "User: WHAT Color?\nBot:"
+    # variants exported before lower_text existed name lower_case in their config.json: they still load
+    from lynx_zoo import PrefixLynx
+    from lynx_zoo.hub.config import decode_init_args
+
+    saved = {"prompt": {"template": "User: {instruction}\nBot:", "max_length": 32, "lower_case": False}}
+    assert decode_init_args(PrefixLynx, saved, "config.json")["prompt"] == PromptConfig(max_length=32)

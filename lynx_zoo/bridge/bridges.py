@@ -115,7 +115,8 @@ class PerceiverResampler(Bridge, nn.Module):
         ff_mult: int = 4,
     ) -> None:
         super().__init__()
-        self.latents = nn.Parameter(torch.randn(num_queries, llm_width) * 0.02)
+        # standard normal (std 1), as the release initialises them
+        self.latents = nn.Parameter(torch.randn(num_queries, llm_width))
         self.layers = nn.ModuleList(
             ResamplerLayer(vision_width, llm_width, num_heads, head_dim, ff_mult) for _ in range(depth)
         )

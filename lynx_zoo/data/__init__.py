@@ -3,7 +3,7 @@
 from lynx_zoo.data.datamodule import ShapesVQADataModule, VQADataModule
 from lynx_zoo.data.manifest import ManifestError, read_manifest
 from lynx_zoo.data.mixture import MixtureDataModule
-from lynx_zoo.data.processor import IGNORE_INDEX, LynxProcessor, PromptConfig, Sample, Skipped
+from lynx_zoo.data.processor import IGNORE_INDEX, LynxProcessor, PromptConfig, PromptCutWarning, Sample, Skipped
 from lynx_zoo.data.sources import (
     ConversationSource,
     DataError,
@@ -31,6 +31,7 @@ __all__ = [
     "VideoQASource",
     "ManifestError",
     "PromptConfig",
+    "PromptCutWarning",
     "Sample",
     "ShapesVQADataModule",
     "Skipped",

@@ -71,7 +71,9 @@ class VQADataModule(L.LightningDataModule):
 
     def _source(self, manifest: str, training: bool) -> ImageTextSource:
         source = ImageTextSource(manifest, root=self.image_root, name=Path(manifest).stem)
-        source.prepare(LoadContext(self.processor.image_transform, training=training, strict=self.strict))
+        transform = self.processor.train_image_transform if training else self.processor.image_transform
+        frames = self.processor.image_transform
+        source.prepare(LoadContext(transform, training=training, strict=self.strict, frame_transform=frames))
         return source
 
     @property

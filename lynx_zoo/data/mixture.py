@@ -237,7 +237,8 @@ class MixtureDataModule(L.LightningDataModule):
             model = attached_model(self)
             self.processor, self.num_frames = model.processor, model.vision_config.num_frames
         transform, frames = self.processor.image_transform, self.num_frames
-        train = LoadContext(transform, self.templates, frames, True, self.strict)
+        train_transform = self.processor.train_image_transform
+        train = LoadContext(train_transform, self.templates, frames, True, self.strict, frame_transform=transform)
         held_out = LoadContext(transform, self.templates, frames, False, self.strict)
         for source in self.sources:
             source.prepare(train)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +42,10 @@ class Skipped:
     detail: str = ""
 
 
+class PromptCutWarning(UserWarning):
+    """A generation prompt lost its first tokens to ``prompt.max_input_tokens``."""
+
+
 @dataclass
 class PromptConfig:
     """The prompt format and text limits.
@@ -50,11 +55,20 @@ class PromptConfig:
             ``User: {instruction}\\nBot:``).
         max_length: text tokens per sample (prompt + answer); longer samples lose the end of their
             instruction first, then the end of their answer.
-        lower_case: lower-case instructions (Lynx does at evaluation).
+        lower_text: lower-case the whole rendered prompt, template included (the release's ``lower_text``:
+            the model reads ``user: ...\\nbot:``); answers keep their case.
+        max_input_tokens: at generation, keep only the last this many prompt tokens (``<s>`` included), as the
+            release's evaluation does (``max_input_tokens: 40``): the question's end and ``bot:`` stay, its start
+            goes. Each cut is counted (``num_cut`` of the batch) and warned about (:class:`PromptCutWarning`).
+            ``None``: no limit.
+        lower_case: lower-case the instruction only (the setting before ``lower_text``; kept so that configs and
+            variants saved with it load and behave as they did).
     """
 
     template: str = "User: {instruction}\nBot:"
     max_length: int = 256
+    lower_text: bool = False
+    max_input_tokens: int | None = None
     lower_case: bool = False
 
 
@@ -63,7 +77,8 @@ class LynxProcessor:
 
     Layout per sample: ``<s> prompt answer </s>``, left-padded (as Lynx), loss on ``answer </s>`` only.
     The visual tokens are not part of the text: each fusion module puts them where it wants.
-    ``image_transform`` (the vision tower's) turns a PIL image into the tensor the model reads.
+    ``image_transform`` (the vision tower's) turns a PIL image into the tensor the model reads;
+    ``train_image_transform`` does for training images (default: the same).
     """
 
     def __init__(
@@ -71,17 +86,23 @@ class LynxProcessor:
         tokenizer: PreTrainedTokenizerBase,
         prompt: PromptConfig,
         image_transform: Callable[[Image.Image], torch.Tensor],
+        train_image_transform: Callable[[Image.Image], torch.Tensor] | None = None,
     ) -> None:
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token: load it with lynx_zoo.llm.load_tokenizer")
+        if prompt.max_input_tokens is not None and prompt.max_input_tokens < 1:
+            raise ValueError(
+                f"prompt.max_input_tokens: expected a positive number or null, got {prompt.max_input_tokens}"
+            )
         self.tokenizer = tokenizer
         self.prompt = prompt
         self.image_transform = image_transform
+        self.train_image_transform = train_image_transform or image_transform
 
     def format_prompt(self, instruction: str) -> str:
-        if self.prompt.lower_case:
-            instruction = instruction.lower()
-        return self.prompt.template.format(instruction=instruction)
+        """The rendered prompt of one instruction (lower-cased as a whole with ``lower_text``)."""
+        text = self.prompt.template.format(instruction=instruction.lower() if self.prompt.lower_case else instruction)
+        return text.lower() if self.prompt.lower_text else text
 
     def _prompt_ids(self, instruction: str) -> list[int]:
         return self.tokenizer(self.format_prompt(instruction), add_special_tokens=False)["input_ids"]
@@ -154,10 +175,24 @@ class LynxProcessor:
         return batch
 
     def prompts(self, samples: list[Sample]) -> dict[str, Any]:
-        """Collate prompts for generation (no answer, no labels)."""
-        batch = self._pad([self.encode(s, with_answer=False)[:2] for s in samples])
+        """Collate prompts for generation (no answer, no labels), each cut to its last ``max_input_tokens``
+        tokens when it is longer (``num_cut`` counts them, and a :class:`PromptCutWarning` names the limit)."""
+        encoded = [self.encode(s, with_answer=False)[:2] for s in samples]
+        limit = self.prompt.max_input_tokens
+        dropped = [len(ids) - limit for ids, _ in encoded if limit is not None and len(ids) > limit]
+        if dropped:
+            warnings.warn(
+                f"prompt.max_input_tokens={limit}: {len(dropped)} of {len(samples)} prompts were cut to their last "
+                f"{limit} tokens (up to {max(dropped)} dropped from their start, as the Lynx release's evaluation "
+                "cuts); raise prompt.max_input_tokens or set it to null to keep whole prompts",
+                PromptCutWarning,
+                stacklevel=2,
+            )
+            encoded = [(ids[-limit:], labels[-limit:]) for ids, labels in encoded]
+        batch = self._pad(encoded)
         del batch["labels"]
         batch.update(self._meta(samples))
+        batch["num_cut"] = len(dropped)
         return batch
 
     def _pad(self, encoded: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:

@@ -51,13 +51,18 @@ class DataError(OSError):
 
 @dataclass
 class LoadContext:
-    """What a source needs from the model and the DataModule to turn records into samples."""
+    """What a source needs from the model and the DataModule to turn records into samples.
+
+    ``transform`` turns images into tensors (for training, the model's training transform: with
+    ``vision.train_crop``, a random crop seeded by the sample); ``frame_transform`` turns video frames (default:
+    ``transform``; the release never crops frames at random)."""
 
     transform: Callable[[Image.Image], torch.Tensor]
     templates: InstructionTemplates = field(default_factory=lambda: InstructionTemplates({}))
     num_frames: int = 5
     training: bool = True
     strict: bool = False
+    frame_transform: Callable[[Image.Image], torch.Tensor] | None = None
 
 
 class Source(Dataset):
@@ -122,10 +127,16 @@ class Source(Dataset):
         rng = random.Random(f"{seed}/template") if self.ctx.training else None
         return self.ctx.templates.render(self.task, question, rng)
 
-    def read_image(self, path: Path | str, data: bytes | None = None) -> torch.Tensor:
-        """The transformed image at ``path`` (or in ``data``); raises OSError/ValueError when unreadable."""
+    def read_image(self, path: Path | str, seed: str, data: bytes | None = None) -> torch.Tensor:
+        """The transformed image at ``path`` (or in ``data``); raises OSError/ValueError when unreadable.
+
+        A random training transform draws from torch's generator seeded by ``seed`` (its own stream), so that a
+        sample is cropped alike in every run, worker layout and resume."""
         with Image.open(io.BytesIO(data) if data is not None else path) as image:
-            return self.ctx.transform(image.convert("RGB"))
+            rgb = image.convert("RGB")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(random.Random(f"{seed}/crop").getrandbits(63))
+            return self.ctx.transform(rgb)
 
 
 class ManifestSource(Source):
@@ -193,7 +204,7 @@ class ImageTextSource(MediaSource):
     required = ("image", "answer")
 
     def read_media(self, path: Path, seed: str) -> torch.Tensor:
-        return self.read_image(path)
+        return self.read_image(path, seed)
 
 
 class VideoQASource(MediaSource):
@@ -206,7 +217,8 @@ class VideoQASource(MediaSource):
 
     def read_media(self, path: Path, seed: str) -> torch.Tensor:
         frames = read_video_frames(path, self.ctx.num_frames, self.ctx.training, random.Random(f"{seed}/frames"))
-        return torch.stack([self.ctx.transform(frame) for frame in frames])
+        transform = self.ctx.frame_transform or self.ctx.transform
+        return torch.stack([transform(frame) for frame in frames])
 
 
 class TextSource(ManifestSource):
@@ -285,7 +297,7 @@ class ConversationSource(ManifestSource):
         record = self.records[index]
         path = self.root / record["image"]
         try:
-            pixels = self.read_image(path)
+            pixels = self.read_image(path, seed)
         except (OSError, ValueError) as err:
             return self.skip("unreadable_image", f"{self.manifest}: cannot read image {path}: {err}")
         turns = record["conversations"]
@@ -369,7 +381,7 @@ class ShardSource(Source):
             return self.skip("unreadable_shard", f"{where}: {err}")
         image_ext = next(ext for ext in IMAGE_EXTENSIONS if ext in blobs)
         try:
-            pixels = self.read_image(where, blobs[image_ext])
+            pixels = self.read_image(where, seed, blobs[image_ext])
         except (OSError, ValueError) as err:
             return self.skip("unreadable_image", f"{where}.{image_ext}: {err}")
         if "json" in blobs:

@@ -26,7 +26,7 @@ from lynx_zoo.adapters import AdapterConfig, insert_adapters
 from lynx_zoo.bridge import BridgeConfig, build_bridge
 from lynx_zoo.data.answers import metric_key, normalize_answer
 from lynx_zoo.data.processor import IGNORE_INDEX, LynxProcessor, PromptConfig, Sample
-from lynx_zoo.generation import ImageLike, VideoLike, generation_settings, image_batch, video_batch
+from lynx_zoo.generation import ImageLike, VideoLike, generation_settings, image_batch, seeded, video_batch
 from lynx_zoo.llm import LLMConfig, build_llm, load_tokenizer
 from lynx_zoo.llm.layers import InsertedBlock
 from lynx_zoo.metrics import CategoryAccuracy
@@ -115,7 +115,9 @@ class LynxModel(L.LightningModule):
         # Lynx's video encoding: a learned embedding per frame, added to that frame's tokens
         self.frame_position = nn.Parameter(torch.zeros(1, self.vision_config.num_frames, 1, self.vision.width))
         nn.init.trunc_normal_(self.frame_position, std=0.02)
-        self.processor = LynxProcessor(tokenizer, prompt or PromptConfig(), self.vision.image_transform())
+        self.processor = LynxProcessor(
+            tokenizer, prompt or PromptConfig(), self.vision.image_transform(), self.vision.train_image_transform()
+        )
         self.val_accuracy: CategoryAccuracy | None = None  # built once the DataModule names its categories
         self.init_from = init_from
 
@@ -160,8 +162,10 @@ class LynxModel(L.LightningModule):
     def generate_ids(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: torch.Tensor | None, **kwargs: Any
     ) -> torch.Tensor:
-        """Newly generated token ids for left-padded prompts (transformers ``generate`` arguments in ``kwargs``)."""
-        with self.fused(input_ids, attention_mask, images) as inputs:
+        """Newly generated token ids for left-padded prompts: transformers ``generate`` arguments in ``kwargs``, and
+        ``seed`` (sampling inside repeats; torch's generators are given back their state afterwards)."""
+        seed = kwargs.pop("seed", None)
+        with seeded(seed, self.device), self.fused(input_ids, attention_mask, images) as inputs:
             ids = self.llm.generate(
                 **inputs.llm_inputs(),
                 pad_token_id=self.tokenizer.pad_token_id,
@@ -215,9 +219,12 @@ class LynxModel(L.LightningModule):
             videos: one per prompt, instead of ``images``: video files (``vision.num_frames`` frames sampled at
                 segment centres), frame lists, or a transformed batch ``(B, T, 3, H, W)``.
             preset: named settings from :data:`lynx_zoo.generation.GENERATION_PRESETS` over the model's own
-                ``eval_generation`` (the default when no preset is named).
+                ``eval_generation`` (the default when no preset is named): ``lynx``, the released Lynx evaluation
+                (5-beam sampling seeded with 42); ``lynx-beam``, the same beams without sampling; ``greedy``.
             generation_kwargs: transformers ``generate`` arguments (``num_beams``, ``do_sample``,
-                ``max_new_tokens``, ...); they override the preset. The KV cache is on.
+                ``max_new_tokens``, ...); they override the preset. The KV cache is on. ``seed=N`` seeds torch's
+                generators for this call (and restores them after), so sampled answers repeat; ``seed=None``
+                samples from the generators as they are.
         """
         if prompts is None:
             raise TypeError("generate: `prompts` is required (one instruction per image/video)")
@@ -235,15 +242,17 @@ class LynxModel(L.LightningModule):
             raise ValueError(f"generate: {len(media)} {kind} for {len(prompts)} prompts")
         batch = self.processor.prompts([Sample(p) for p in prompts])
         kwargs = generation_settings(preset, self.eval_generation, generation_kwargs)
+        seed = kwargs.pop("seed", None)
         was_training = self.training
         self.eval()
         try:
-            ids = self.generate_ids(
-                batch["input_ids"].to(self.device),
-                batch["attention_mask"].to(self.device),
-                None if media is None else media.to(self.device),
-                **kwargs,
-            )
+            with seeded(seed, self.device):
+                ids = self.generate_ids(
+                    batch["input_ids"].to(self.device),
+                    batch["attention_mask"].to(self.device),
+                    None if media is None else media.to(self.device),
+                    **kwargs,
+                )
         finally:
             self.train(was_training)
         return self.decode(ids)

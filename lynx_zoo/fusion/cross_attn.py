@@ -8,7 +8,12 @@ The blocks are children ``gated_xattn`` of the decoder layers, run on each layer
 
 Media-position masking: media ``m`` of a sample appears at text position ``media_positions[b, m]``
 (in position-id space: the count of real tokens before it). A text token attends only to the latest
-media at or before its position; tokens before the first media get nothing from any.
+media at or before its position; tokens before the first media get a zero attention output.
+
+As OpenFlamingo defines the block, the masking acts inside the attention only: the gated feed-forward
+applies to every token, with media before it or not. A text-only batch (no media at all) runs the blocks
+too: the attention contributes nothing and the gated feed-forward applies, so it learns from text data
+(the paper's "CA, trainable LLM + text data" row).
 """
 
 from __future__ import annotations
@@ -50,7 +55,11 @@ class CrossAttnConfig(LayerPlacement):
 
 
 class GatedCrossAttentionBlock(InsertedBlock):
-    """``x + tanh(a) * XAttn(LN(x), media)``, then ``x + tanh(f) * FF(LN(x))``; ``a = f = 0`` at init."""
+    """``x + tanh(a) * XAttn(LN(x), media)``, then ``x + tanh(f) * FF(x)``; ``a = f = 0`` at init (OpenFlamingo).
+
+    The media mask acts inside the attention only (a token with no media before it gets a zero attention
+    output); the gated feed-forward applies to every token, also when the batch has no media.
+    """
 
     def __init__(self, width: int, num_heads: int, head_dim: int, ff_mult: int) -> None:
         super().__init__()
@@ -73,7 +82,8 @@ class GatedCrossAttentionBlock(InsertedBlock):
 
     @contextmanager
     def attending_to(self, media: torch.Tensor | None, media_positions: torch.Tensor | None) -> Iterator[None]:
-        """The visual tokens ``(B, M, Q, width)`` and their text positions ``(B, M)`` for the calls inside."""
+        """The visual tokens ``(B, M, Q, width)`` and their text positions ``(B, M)`` for the calls inside
+        (``None``: a text-only call)."""
         outer = self.media, self.media_positions
         self.media, self.media_positions = media, media_positions
         try:
@@ -92,9 +102,21 @@ class GatedCrossAttentionBlock(InsertedBlock):
         return dense + 4.0 * self.to_q.out_features * text_tokens * media_tokens
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        # the block keeps its own (fp32) weights beside a low-precision frozen LLM
+        hidden = x
+        x = x.to(self.to_q.weight.dtype)
+        update = None
+        if self.media is not None:
+            update = torch.tanh(self.attn_gate) * self.attend(x, position_ids)
+            x = x + update
+        ff_update = torch.tanh(self.ff_gate) * self.ff(x)
+        update = ff_update if update is None else update + ff_update
+        return hidden + update.to(hidden.dtype)
+
+    def attend(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """The masked cross-attention output (before its gate): zero for tokens with no media before them."""
         media, media_positions = self.media, self.media_positions
-        if media is None:
-            return x
+        assert media is not None and media_positions is not None
         if media.shape[0] != x.shape[0]:  # beam search / num_return_sequences expand the batch
             repeat = x.shape[0] // media.shape[0]
             media, media_positions = media.repeat_interleave(repeat, 0), media_positions.repeat_interleave(repeat, 0)
@@ -107,24 +129,18 @@ class GatedCrossAttentionBlock(InsertedBlock):
         allowed = latest[:, :, None] == media_index[None, None, :]
         has_media = latest > 0
         allowed = allowed | ~has_media[:, :, None]  # keep softmax finite; these rows are zeroed below
-        # the block keeps its own (fp32) weights beside a low-precision frozen LLM
-        hidden, dtype = x, self.to_q.weight.dtype
-        x = x.to(dtype)
-        gate = has_media[..., None].to(dtype)
         q = self.to_q(self.norm(x)).view(b, t, self.num_heads, -1).transpose(1, 2)
-        k, v = self.to_kv(media.flatten(1, 2).to(dtype)).chunk(2, dim=-1)
+        k, v = self.to_kv(media.flatten(1, 2).to(x.dtype)).chunk(2, dim=-1)
         k, v = (z.view(b, num_media * per_media, self.num_heads, -1).transpose(1, 2) for z in (k, v))
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
-        attn_update = torch.tanh(self.attn_gate) * self.to_out(attended.transpose(1, 2).flatten(2)) * gate
-        ff_update = torch.tanh(self.ff_gate) * self.ff(x + attn_update) * gate
-        return hidden + (attn_update + ff_update).to(hidden.dtype)
+        return self.to_out(attended.transpose(1, 2).flatten(2)) * has_media[..., None].to(x.dtype)
 
 
 @register_model
 class CrossAttnLynx(LynxModel):
     """Flamingo-style fusion: the text goes through the LLM alone and reads the visual tokens through
     gated cross-attention blocks. With ``llm.trainable: false`` the LLM is frozen (the paper's first CA
-    row); ``true`` trains it too (the second).
+    row); ``true`` trains it too (the second). Text-only batches run the blocks' gated feed-forward.
 
     Args:
         cross_attn: placement and size of the gated cross-attention blocks.

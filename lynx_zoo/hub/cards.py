@@ -67,6 +67,7 @@ class CardFacts:
     results: list[dict[str, Any]] = field(default_factory=list)
     paper: dict[str, float] = field(default_factory=dict)
     hf_repo: str | None = None
+    protocol: str = ""
 
 
 def resolved_config(paths: list[Path]) -> dict[str, Any]:
@@ -183,6 +184,7 @@ def variant_facts(info: VariantInfo) -> CardFacts:
         results=results,
         paper=info.paper,
         hf_repo=info.hf_repo,
+        protocol=info.protocol,
         **model_facts(model, init_args),
     )
 
@@ -199,6 +201,7 @@ def exported_card(config: dict[str, Any], model: LynxModel) -> str:
         init_args=config["init_args"],
         configs=info.configs if info else (),
         paper=info.paper if info else {},
+        protocol=info.protocol if info else "",
         **model_facts(model, config["init_args"]),
     )
     return render_card(facts)
@@ -250,6 +253,12 @@ def _layers(indices: list[int]) -> str:
     return ", ".join(map(str, indices)) if indices else "none"
 
 
+def _tower_weights(vision: dict[str, Any]) -> str:
+    if vision.get("checkpoint_path"):
+        return f"weights from `{vision['checkpoint_path']}`"
+    return "pretrained" if vision["pretrained"] else "random init"
+
+
 def _architecture(facts: CardFacts) -> list[str]:
     a = facts.init_args
     vision, bridge, llm, adapters = a["vision"], a["bridge"], a["llm"], a["adapters"]
@@ -276,7 +285,7 @@ def _architecture(facts: CardFacts) -> list[str]:
         ("image size", f"{vision['image_size']} px"),
         ("vision tower", f"timm `{vision['model_name']}`, blocks: {vision.get('num_blocks') or 'all'}, "
          f"final norm: {'yes' if vision['final_norm'] else 'no'}, "
-         f"{'pretrained' if vision['pretrained'] else 'random init'}, "
+         f"{_tower_weights(vision)}, "
          f"{'trained' if vision['trainable'] else 'frozen'}"),
         ("visual tokens per image", f"{facts.tokens_per_image} from the tower"),
         ("video frames", f"{frames}" if frames else "no video"),
@@ -339,6 +348,7 @@ def _training(facts: CardFacts) -> list[str]:
             f"{t['max_steps']} steps" if t.get("max_steps", -1) not in (-1, None) else f"{t.get('max_epochs')} epochs"
         )
         lines.append(f"- length: {length}; precision {t.get('precision')}")
+    lines.append(f"- protocol: {facts.protocol or 'one run of `python -m lynx_zoo fit` with its configs'}")
     lines.append(
         f"- optimiser: AdamW, peak lr {opt['lr']}, floor {opt['min_lr']}, warmup {opt['warmup_ratio']:.0%} then "
         f"linear decay, weight decay {opt['weight_decay']}, betas {tuple(opt['betas'])}, eps {opt['eps']}"
@@ -352,9 +362,9 @@ def _training(facts: CardFacts) -> list[str]:
     if facts.init_args["llm"].get("model") in ("lmsys/vicuna-7b-v1.1", "huggyllama/llama-7b"):
         lines += [
             "",
-            "The paper trains this configuration in two stages: ~120M image-text pairs (224 px, then 420 px), "
-            "then instruction tuning on ~50 image, video and text tasks; `data` in the config points at your own "
-            "manifests (the paper's mixtures are not released).",
+            "The paper's data: ~120M image-text pairs in stage 1, then instruction tuning on ~50 image, video and "
+            "text tasks in stage 2; `data` in the configs points at your own manifests (the paper's mixtures are "
+            "not released).",
         ]
     return lines
 

@@ -34,7 +34,10 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--ckpt", type=Path, help="a Lightning checkpoint of a lynx_zoo run")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="the LLM's weight dtype (e.g. bfloat16); default as saved")
-    parser.add_argument("--preset", default="lynx", help="generation preset: lynx (beams 5), lynx-sampled, greedy")
+    parser.add_argument(
+        "--preset", default="lynx", help="generation preset: lynx (the release: 5-beam sampling), lynx-beam, greedy"
+    )
+    parser.add_argument("--seed", type=int, default=None, help="seed of the sampling (default: the preset's)")
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--min-new-tokens", type=int, default=None)
     parser.add_argument("--num-beams", type=int, default=None)
@@ -64,6 +67,8 @@ def _generation(args: argparse.Namespace) -> dict[str, Any]:
         settings["min_new_tokens"] = args.min_new_tokens
     if args.num_beams is not None:
         settings["num_beams"] = args.num_beams
+    if args.seed is not None:
+        settings["seed"] = args.seed
     return settings
 
 

@@ -5,8 +5,14 @@ The original state dict (optionally under a ``"model"`` key) names the parts ``v
 ``LLM.`` (its LLaMA fork, adapters as ``output_adapter``), ``bridge.`` (the Perceiver resampler, each layer a
 ``[PerceiverAttention, FeedForward]`` pair) and ``absolute_frame_pos_embed``. Every trained weight maps one to
 one onto lynx_zoo's modules (the architectures are the same; the adapter's scale is a ``(1,)`` tensor there
-and a scalar here). Frozen base weights (``vision_encoder.*`` and the LLM's own ``LLM.*``) are not copied:
-the variant references its bases, as every variant does; their number is recorded in ``config.json``.
+and a scalar here).
+
+The tower (``vision_encoder.*``: each block's attention split into ``q_proj``/``k_proj``/``v_proj``, k without
+a bias, the position embedding already interpolated to 420 px) is fused into timm's layout and stored in the
+variant, which then takes its tower from the checkpoint rather than from ``vision.checkpoint_path``: those
+are the weights the release ran with. A checkpoint without a tower keeps the config's vision base.
+The frozen LLM's own weights (``LLM.*``) are not copied: the variant references its base LLM, as every
+variant does; their number is recorded in ``config.json``.
 A key that maps nowhere, a shape that differs, or a weight the variant needs but the checkpoint lacks is an
 error naming it: nothing is dropped silently.
 """
@@ -23,6 +29,7 @@ from lynx_zoo.evaluation.runner import resolve_model_class
 from lynx_zoo.hub.cards import build_on_meta, resolved_config
 from lynx_zoo.hub.export import base_prefixes, variant_keys, write_variant
 from lynx_zoo.resources import config_path
+from lynx_zoo.vision.checkpoint import LYNX_TOWER_PREFIX, fuse_split_qkv
 
 DEFAULT_CONFIG = "zoo:pt_vicuna_420.yaml"
 
@@ -39,7 +46,8 @@ KEY_MAP: list[tuple[str, str]] = [
     (r"LLM\.model\.layers\.(\d+)\.output_adapter\.scaling", r"llm.model.layers.\1.adapter.scale"),
 ]  # fmt: skip
 # frozen base weights of the original: referenced by the variant, not copied
-BASE_PATTERNS = (r"vision_encoder\..*", r"LLM\.(?!.*output_adapter).*")
+BASE_PATTERNS = (r"LLM\.(?!.*output_adapter).*",)
+TOWER = "vision.model."  # where lynx_zoo keeps the timm tower
 
 
 def map_key(key: str) -> str | None:
@@ -79,12 +87,16 @@ def convert_state(
     base_keys: list[str] = []
     unknown: list[str] = []
     mismatched: list[str] = []
+    tower = {k.removeprefix(LYNX_TOWER_PREFIX): v for k, v in original.items() if k.startswith(LYNX_TOWER_PREFIX)}
+    tower_keys = {k.removeprefix(TOWER) for k in own if k.startswith(TOWER)}
+    named = [(f"{LYNX_TOWER_PREFIX}{k}", f"{TOWER}{k}", v) for k, v in fuse_split_qkv(tower, tower_keys).items()]
     for key, tensor in original.items():
-        try:
-            target = map_key(key)
-        except KeyError:
-            unknown.append(key)
-            continue
+        if not key.startswith(LYNX_TOWER_PREFIX):
+            try:
+                named.append((key, map_key(key), tensor))
+            except KeyError:
+                unknown.append(key)
+    for key, target, tensor in named:
         if target is None:
             base_keys.append(key)
             continue
@@ -132,17 +144,24 @@ def convert_lynx(
     cls = resolve_model_class(config["model"]["class_path"])
     init_args: dict[str, Any] = {k: v for k, v in config["model"]["init_args"].items() if k != "init_from"}
     init_args = _jsonable(init_args)
+    original = read_original(checkpoint)
+    tower_in_checkpoint = any(k.startswith(LYNX_TOWER_PREFIX) for k in original)
+    vision_base: dict[str, Any] = {"timm_model": init_args["vision"]["model_name"]}
+    if tower_in_checkpoint:  # the variant stores the release's tower: no vision base to load
+        init_args["vision"].update(pretrained=False, checkpoint_path=None)
+        vision_base["weights"] = f"{checkpoint.name}: {LYNX_TOWER_PREFIX}* (stored in the variant)"
     model = build_on_meta(cls, init_args)
     # what the variant stores follows the config it stands for (pretrained bases), not the meta build
     wanted = variant_keys(model, bases=base_prefixes(init_args["vision"], init_args["llm"]))
     own = model.state_dict()
-    converted, base_keys = convert_state(read_original(checkpoint), own, wanted, checkpoint)
-    bases = {"vision": {"timm_model": init_args["vision"]["model_name"]}, "llm": {"model": init_args["llm"]["model"]}}
+    converted, base_keys = convert_state(original, own, wanted, checkpoint)
+    bases = {"vision": vision_base, "llm": {"model": init_args["llm"]["model"]}}
     extra = {
         "conversion": {
             "from": "bytedance/lynx-llm",
             "checkpoint": checkpoint.name,
             "configs": [str(p) for p in paths],
+            "vision_tower": "from the checkpoint" if tower_in_checkpoint else "from the config's vision base",
             "base_keys_not_copied": len(base_keys),
         }
     }

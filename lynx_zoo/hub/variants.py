@@ -34,6 +34,20 @@ TRAIN_OBTAIN = (
 )
 PT = "lynx-pt-vicuna-420-"
 FIT_OBTAIN = "python -m lynx_zoo fit {args} (its ExportVariant callback exports and registers it when fit ends)"
+STAGES_OBTAIN = (
+    "train it through the paper's stages, then export: python -m lynx_zoo stages {args} --out runs/{id} && "
+    "python -m lynx_zoo export --ckpt runs/{id}/stage2/checkpoints/last.ckpt --out {folder}"
+)
+# how a variant is trained (its card's "protocol"): the paper's stages for the real Lynx and every grid row
+PAPER_PROTOCOL = (
+    "the paper's stages, each from the previous one's last checkpoint (`python -m lynx_zoo stages`): stage 1 at "
+    "224 px (100,000 steps, peak lr 1e-4), stage 1 continued at {size} px (10,000 steps, 1e-5), stage 2 at {size} px "
+    "(20,000 steps, 2e-5)"
+)
+LOW_RES_PROTOCOL = (
+    "the paper's stages without the high-resolution one (`python -m lynx_zoo stages`): stage 1 at 224 px "
+    "(100,000 steps, peak lr 1e-4), then stage 2 at 224 px from its last checkpoint (20,000 steps, 2e-5)"
+)
 
 
 @dataclass(frozen=True)
@@ -48,7 +62,8 @@ class VariantInfo:
         results: recorded lynx_zoo evaluation results of this variant: files of the shipped ``study_results/``
             (the repository's ``docs/study/results/``).
         paper: numbers the Lynx paper reports for this configuration (not measured by lynx_zoo).
-        obtain: how to get the weights when they are not present (``{folder}``, ``{args}`` filled in).
+        obtain: how to get the weights when they are not present (``{folder}``, ``{args}``, ``{id}`` filled in).
+        protocol: how it is trained (empty: one ``fit`` run of its configs).
     """
 
     id: str
@@ -58,6 +73,7 @@ class VariantInfo:
     results: tuple[str, ...] = ()
     paper: dict[str, float] = field(default_factory=dict)
     obtain: str = TRAIN_OBTAIN
+    protocol: str = ""
 
     @property
     def card(self) -> Path:
@@ -74,7 +90,7 @@ class VariantInfo:
 
     def how_to_obtain(self) -> str:
         args = " ".join(f"--config {c}" for c in self.configs)
-        return self.obtain.format(folder=variants_home() / self.id, args=args)
+        return self.obtain.format(folder=variants_home() / self.id, args=args, id=self.id)
 
 
 def _grid(stem: str, description: str, paper: dict[str, float] | None = None, prefix: str = "lynx-") -> VariantInfo:
@@ -84,16 +100,19 @@ def _grid(stem: str, description: str, paper: dict[str, float] | None = None, pr
         ("configs/pt_vicuna_420.yaml", f"configs/grid/{stem}.yaml"),
         description,
         paper=paper or {},
+        obtain=STAGES_OBTAIN,
+        protocol=LOW_RES_PROTOCOL if stem == "pt_vicuna_224" else PAPER_PROTOCOL.format(size=420),
     )
 
 
-def _stage(stage: str, data: str, description: str, obtain: str = TRAIN_OBTAIN) -> VariantInfo:
+def _stage(stage: str, data: str, description: str, protocol: str, obtain: str = TRAIN_OBTAIN) -> VariantInfo:
     """A training stage of the real Lynx with its data mixture (``configs/stages/``, ``configs/data/``)."""
     return VariantInfo(
         f"lynx-{stage.replace('_', '-')}",
         ("configs/pt_vicuna_420.yaml", f"configs/stages/{stage}.yaml", f"configs/data/{data}.yaml"),
         description,
         obtain=obtain,
+        protocol=protocol,
     )
 
 
@@ -121,6 +140,7 @@ VARIANTS: dict[str, VariantInfo] = {
                 "mme_cognition": 215.71,
             },
             obtain=LYNX_OBTAIN,
+            protocol=PAPER_PROTOCOL.format(size=420),
         ),
         _grid(
             "adapters_every_2nd", "Lynx with adapters on every 2nd decoder layer (the released placement)", prefix=PT
@@ -148,18 +168,23 @@ VARIANTS: dict[str, VariantInfo] = {
             "pt_vicuna_224", "Lynx w/o high resolution: 224 px only", {"open_vqa_image": 73.51, "open_vqa_video": 62.16}
         ),
         _stage(
-            "stage1_224", "lynx_stage1", "Lynx stage 1 at 224 px: resampler and adapters aligned on image-text pairs"
+            "stage1_224",
+            "lynx_stage1",
+            "Lynx stage 1 at 224 px: resampler and adapters aligned on image-text pairs",
+            "the first of the paper's stages, from the pretrained bases",
         ),
         _stage(
             "stage1_420",
             "lynx_stage1",
             "Lynx stage 1 continued at 420 px (the release's pretrain_lynx.pt)",
+            "the second of the paper's stages, from the last checkpoint of stage 1 at 224 px (`init_from`)",
             LYNX_OBTAIN.replace("finetune_lynx.pt", "pretrain_lynx.pt"),
         ),
         _stage(
             "stage2",
             "lynx_stage2",
             "Lynx stage 2: instruction tuning at 420 px (the release's finetune_lynx.pt)",
+            "the third of the paper's stages, from the last checkpoint of stage 1 at 420 px (`init_from`)",
             LYNX_OBTAIN,
         ),
         VariantInfo(
