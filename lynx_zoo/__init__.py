@@ -3,9 +3,9 @@
 from lynx_zoo.adapters import AdapterConfig
 from lynx_zoo.bridge import BridgeConfig
 from lynx_zoo.data import PromptConfig, ShapesVQADataModule, VQADataModule
-from lynx_zoo.fusion import CrossAttnConfig, CrossAttnLynx, LynxModel, PrefixLynx
+from lynx_zoo.fusion import CrossAttnConfig, CrossAttnLynx, LynxModel, PrefixLynx, register_model
 from lynx_zoo.hub import VARIANTS as variants
-from lynx_zoo.hub import list_variants, load_pretrained
+from lynx_zoo.hub import list_variants, load_model, load_pretrained
 from lynx_zoo.llm import LLMConfig
 from lynx_zoo.training import OptimizerConfig
 from lynx_zoo.vision import VisionConfig
@@ -24,6 +24,8 @@ __all__ = [
     "VQADataModule",
     "VisionConfig",
     "list_variants",
+    "load_model",
     "load_pretrained",
+    "register_model",
     "variants",
 ]

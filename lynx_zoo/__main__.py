@@ -1,3 +1,6 @@
+import sys
+
 from lynx_zoo.cli import main
 
-main()
+result = main()
+sys.exit(result if isinstance(result, int) else 0)

@@ -1,4 +1,9 @@
-"""The command line: ``python -m lynx_zoo fit --config configs/pt_vicuna_420.yaml`` (LightningCLI)."""
+"""The command line, ``python -m lynx_zoo COMMAND ...``: one entry point for every command.
+
+The training loops (``fit``, ``validate``, ``test``, ``predict``) are LightningCLI's, over every registered
+:class:`LynxModel` and every DataModule (:class:`LynxCLI`); the other commands live with their design axis
+(:mod:`lynx_zoo.hub.cli`, :mod:`lynx_zoo.evaluation.cli`, :mod:`lynx_zoo.stages`) and are listed here.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,11 @@ import importlib
 import inspect
 import re
 import sys
+import warnings
 from argparse import ArgumentError
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -16,10 +25,10 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.core.datamodule import LightningDataModule
 
 import lynx_zoo  # noqa: F401  (registers the short class names: PrefixLynx, ShapesVQADataModule, ...)
-from lynx_zoo.fusion import LynxModel
+from lynx_zoo.fusion import LynxModel, registered_models
 from lynx_zoo.resources import SHIPPED_CONFIG, config_path
 
-EVALUATION_COMMANDS = ("evaluate", "report")
+PROG = "python -m lynx_zoo"
 
 
 class LynxCLI(LightningCLI):
@@ -33,18 +42,139 @@ class LynxCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"default_env": False, "exit_on_error": exit_on_error},
+            parser_kwargs={"default_env": False, "exit_on_error": exit_on_error, "prog": PROG},
             args=args,
             run=run,
         )
 
 
+@dataclass(frozen=True)
+class Command:
+    """A command of ``python -m lynx_zoo``: a line of help, the function that runs it on its arguments, and the
+    errors that mean bad input (a file, a name, a value), reported in one line rather than a traceback."""
+
+    help: str
+    run: Callable[[list[str]], Any]
+    input_errors: tuple[type[Exception], ...] = (OSError, ValueError)
+
+
+def _lightning(subcommand: str) -> Callable[[list[str]], Any]:
+    def run(argv: list[str]) -> Any:
+        if subcommand == "predict" and any(a.split("=", 1)[0] in ("--image", "--video") for a in argv):
+            sys.exit(f"{PROG} predict: runs a DataModule's predict loop; to ask about a file: {PROG} ask --image ...")
+        check_checkpoint_class(argv)
+        try:
+            with warnings.catch_warnings():  # the arguments are the process's own, handed on
+                warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+                return LynxCLI(args=[subcommand, *argv], exit_on_error=False)
+        except ArgumentError as err:
+            sys.exit(f"{PROG} {subcommand}: error: {explain_error(str(err))}")
+
+    return run
+
+
+def _lazy(module: str, function: str) -> Callable[[list[str]], Any]:
+    def run(argv: list[str]) -> Any:
+        return getattr(importlib.import_module(module), function)(argv)
+
+    return run
+
+
+COMMANDS: dict[str, Command] = {
+    "fit": Command("train a model (LightningCLI: --config FILE or zoo:NAME, --model.*, ...)", _lightning("fit"), ()),
+    "validate": Command("run a model's validation loop on a DataModule (LightningCLI)", _lightning("validate"), ()),
+    "test": Command("run a model's test loop on a DataModule (LightningCLI)", _lightning("test"), ()),
+    "predict": Command("run a model's predict loop on a DataModule (LightningCLI)", _lightning("predict"), ()),
+    "ask": Command("answer a question about an image or video file", _lazy("lynx_zoo.hub.cli", "ask_main")),
+    "chat": Command("answer questions read from stdin, one a line", _lazy("lynx_zoo.hub.cli", "chat_main")),
+    "evaluate": Command(
+        "evaluate models on benchmarks (VQA, Open-VQA, MME, OwlEval)",
+        _lazy("lynx_zoo.evaluation.cli", "evaluate_main"),
+        (OSError, ValueError, RuntimeError, ImportError),  # a judge's failures are RuntimeErrors (JudgeError)
+    ),
+    "report": Command("tables and charts of evaluation results", _lazy("lynx_zoo.evaluation.cli", "report_main")),
+    "stages": Command("train a grid row through the paper's stages", _lazy("lynx_zoo.stages", "main")),
+    "export": Command("export a run's checkpoint as a variant folder", _lazy("lynx_zoo.hub.cli", "export_main")),
+    "variants": Command("list the released and registered variants", _lazy("lynx_zoo.hub.cli", "variants_main")),
+    "cards": Command("generate or check the model cards", _lazy("lynx_zoo.hub.cli", "cards_main")),
+    "convert-lynx": Command("convert an original Lynx checkpoint", _lazy("lynx_zoo.hub.cli", "convert_main")),
+    "configs": Command("list the shipped configs (--config zoo:NAME)", _lazy("lynx_zoo.hub.cli", "configs_main")),
+}
+
+
+def overview() -> str:
+    """``python -m lynx_zoo --help``: every command with a line each."""
+    width = max(map(len, COMMANDS))
+    lines = [f"usage: {PROG} COMMAND [options]   ({PROG} COMMAND --help for a command's options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {command.help}" for name, command in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(args: list[str] | None = None) -> Any:
+    """Entry point of ``python -m lynx_zoo`` and the ``lynx-zoo`` script: run one command; returns what it
+    returns (an exit status, the files written, the LightningCLI of a training loop)."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(overview())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        sys.exit(f"{PROG}: unknown command {name!r}: {_choices(name, list(COMMANDS))}\n\n{overview()}")
+    try:
+        rest = shipped_config_args(rest)
+    except FileNotFoundError as err:
+        sys.exit(f"{PROG} {name}: error: {err}")
+    command = COMMANDS[name]
+    try:
+        return command.run(rest)
+    except command.input_errors as err:
+        sys.exit(f"{PROG} {name}: error: {err}")
+
+
+def shipped_config_args(argv: list[str]) -> list[str]:
+    """``--config zoo:NAME`` (or ``-c``/``--config=``) -> the path of the shipped config (:mod:`lynx_zoo.resources`)."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if eq and flag in ("--config", "-c") and value.startswith(SHIPPED_CONFIG):
+            arg = f"{flag}={config_path(value)}"
+        elif i > 0 and argv[i - 1] in ("--config", "-c") and arg.startswith(SHIPPED_CONFIG):
+            arg = str(config_path(arg))
+        out.append(arg)
+    return out
+
+
+def check_checkpoint_class(argv: list[str]) -> None:
+    """``--ckpt_path FILE``: LightningCLI rebuilds the model from the checkpoint's hyper-parameters, importing the
+    class they name; refuse one the registry does not hold before anything is imported."""
+    from lynx_zoo.hub.loading import checkpoint_class, read_checkpoint
+
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if flag != "--ckpt_path":
+            continue
+        path = Path(value if eq else (argv[i + 1] if i + 1 < len(argv) else ""))
+        if path.is_file():
+            try:
+                checkpoint_class(read_checkpoint(path), path)
+            except ValueError as err:
+                sys.exit(f"{PROG}: error: {err}")
+
+
+def _choices(given: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(given, valid, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"{hint}valid choices: {', '.join(valid)}"
+
+
 def _subclass_names(base: type) -> list[str]:
+    if base is LynxModel:
+        return sorted(registered_models())
     found, stack = set(), [base]
     while stack:
         cls = stack.pop()
         for sub in cls.__subclasses__():
-            if sub.__module__.startswith("lynx_zoo") or base is LynxModel:
+            if sub.__module__.startswith("lynx_zoo"):
                 found.add(sub.__name__)
             stack.append(sub)
     return sorted(found)
@@ -56,12 +186,6 @@ def _accepted_options(class_path: str) -> list[str]:
     if dataclasses.is_dataclass(cls):
         return [f.name for f in dataclasses.fields(cls)]
     return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
-
-
-def _choices(given: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(given, valid, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"{hint}valid choices: {', '.join(valid)}"
 
 
 def explain_error(message: str) -> str:
@@ -82,51 +206,3 @@ def explain_error(message: str) -> str:
         params = [p for p in inspect.signature(L.Trainer.__init__).parameters if p != "self"]
         return f"unknown trainer option {key!r}: {_choices(key, params)}"
     return message
-
-
-def shipped_config_args(argv: list[str]) -> list[str]:
-    """``--config zoo:NAME`` (or ``-c``/``--config=``) -> the path of the shipped config (:mod:`lynx_zoo.resources`)."""
-    out: list[str] = []
-    for i, arg in enumerate(argv):
-        flag, eq, value = arg.partition("=")
-        if eq and flag in ("--config", "-c") and value.startswith(SHIPPED_CONFIG):
-            arg = f"{flag}={config_path(value)}"
-        elif i > 0 and argv[i - 1] in ("--config", "-c") and arg.startswith(SHIPPED_CONFIG):
-            arg = str(config_path(arg))
-        out.append(arg)
-    return out
-
-
-def main(args: list[str] | None = None) -> Any:
-    """Entry point of ``python -m lynx_zoo`` and the ``lynx-zoo`` script.
-
-    ``stages`` trains a config through the paper's stages (:mod:`lynx_zoo.stages`); ``evaluate`` and ``report``
-    are the evaluation commands (:mod:`lynx_zoo.evaluation.cli`); ``export``,
-    ``chat``, ``variants``, ``cards``, ``convert-lynx`` and ``predict --image/--video`` (a question about a file)
-    are the variant commands (:mod:`lynx_zoo.hub.cli`); everything else goes to LightningCLI (``fit``,
-    ``validate``, ``test``, ``predict`` with a DataModule).
-    """
-    try:
-        argv = shipped_config_args(sys.argv[1:] if args is None else args)
-    except FileNotFoundError as err:
-        sys.exit(f"lynx_zoo: error: {err}")
-    if args is None:
-        sys.argv[1:] = argv  # LightningCLI parses the process's own arguments
-    if argv and argv[0] == "stages":
-        from lynx_zoo.stages import main as run_stages
-
-        return run_stages(argv[1:])
-    if argv and argv[0] in EVALUATION_COMMANDS:
-        from lynx_zoo.evaluation.cli import run_command
-
-        return run_command(argv)
-    from lynx_zoo.hub.cli import is_hub_command
-
-    if is_hub_command(argv):
-        from lynx_zoo.hub.cli import run_command as run_hub_command
-
-        return run_hub_command(argv)
-    try:
-        return LynxCLI(args=args and argv, exit_on_error=False)
-    except ArgumentError as err:
-        sys.exit(f"lynx_zoo: error: {explain_error(str(err))}")

@@ -24,12 +24,13 @@ import json
 import shlex
 import subprocess
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from lynx_zoo.hub.config import parse_fit_args
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT_CALLBACK = "lightning.pytorch.callbacks.ModelCheckpoint"
@@ -69,16 +70,8 @@ class PlannedStage:
 
 
 def resolve(args: list[str]) -> dict[str, Any]:
-    """The config LightningCLI resolves from ``args`` (``--config`` files and options), nothing built."""
-    from lynx_zoo.cli import LynxCLI
-
-    class ParseOnly(LynxCLI):
-        def instantiate_classes(self) -> None:
-            pass
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
-        return ParseOnly(args=args, run=False).config.as_dict()
+    """The config ``fit`` resolves from ``args`` (``--config`` files and options), nothing built."""
+    return parse_fit_args(args)
 
 
 def _callbacks(trainer: dict[str, Any], folder: Path) -> list[dict[str, Any]]:

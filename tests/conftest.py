@@ -60,6 +60,15 @@ def make_tiny():
     return make
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other jobs for a small machine's cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shapes_root(tmp_path_factory) -> Path:
     """A small rendered shapes VQA set on disk (32 px, 64 training and 16 held-out images)."""
@@ -76,3 +85,52 @@ def llama_tokenizer_dir(tmp_path_factory) -> str:
     target = tmp_path_factory.mktemp("llama_tok")
     shutil.copy(source, target / "tokenizer.model")
     return str(target)
+
+
+# ------------------------------------------------------------------------------------------- the shipped configs
+CONFIG_ROOT = REPO / "configs"
+# every config, with the base it overlays: grid/ overlays the real Lynx, demo_grid/ the demo, and the two training
+# stages of Lynx each with its data mixture
+CONFIGS = (
+    [[p] for p in sorted(CONFIG_ROOT.glob("*.yaml"))]
+    + [[CONFIG_ROOT / "pt_vicuna_420.yaml", p] for p in sorted((CONFIG_ROOT / "grid").glob("*.yaml"))]
+    + [[CONFIG_ROOT / "demo.yaml", p] for p in sorted((CONFIG_ROOT / "demo_grid").glob("*.yaml"))]
+    + [
+        [
+            CONFIG_ROOT / "pt_vicuna_420.yaml",
+            CONFIG_ROOT / "stages" / f"{stage}.yaml",
+            CONFIG_ROOT / "data" / f"lynx_{d}.yaml",
+        ]
+        for stage, d in (("stage1_224", "stage1"), ("stage1_420", "stage1"), ("stage2", "stage2"))
+    ]
+)
+
+
+def config_args(paths: list[Path]) -> list[str]:
+    """``--config`` arguments of ``fit`` for a base config and its overlays."""
+    return [arg for path in paths for arg in ("--config", str(path))]
+
+
+# reference sizes of the real Lynx (independent of the code that builds it)
+ADAPTER = 2 * 4096 * 2048 + 2048 + 4096 + 2 * 4096 + 1  # down + up, their biases, the LayerNorm, the scale
+LLAMA_7B = 6_738_415_616 + 2 * 4096  # LLaMA-7B plus the added [PAD] rows of the input and output embeddings
+FRAME_POSITION = 5 * 1408  # (1, 5 frames, 1, EVA width)
+# a gated block: LayerNorm, q + k + v + out (8 x 64 heads in width 4096), two gates, LN + 4x feed-forward
+XATTN_BLOCK = 2 * 4096 + 4 * 4096 * 512 + 2 + 2 * 4096 + 2 * 4096 * 16384
+# the grid rows: overlay -> (fusion, image size, LLM id, adapter layers, cross-attention layers, LLM trainable)
+GRID = {
+    "pt_llama_420": ("PrefixLynx", 420, "huggyllama/llama-7b", list(range(0, 32, 2)), [], False),
+    "pt_vicuna_224": ("PrefixLynx", 224, "lmsys/vicuna-7b-v1.1", list(range(0, 32, 2)), [], False),
+    "ca_vicuna_420": ("CrossAttnLynx", 420, "lmsys/vicuna-7b-v1.1", [], [3, 7, 11, 15, 19, 23, 27, 31], False),
+    "ca_vicuna_420_trainable_llm": (
+        "CrossAttnLynx",
+        420,
+        "lmsys/vicuna-7b-v1.1",
+        [],
+        [3, 7, 11, 15, 19, 23, 27, 31],
+        True,
+    ),
+    "adapters_every_layer": ("PrefixLynx", 420, "lmsys/vicuna-7b-v1.1", list(range(32)), [], False),
+    "adapters_every_2nd": ("PrefixLynx", 420, "lmsys/vicuna-7b-v1.1", list(range(0, 32, 2)), [], False),
+    "adapters_none": ("PrefixLynx", 420, "lmsys/vicuna-7b-v1.1", [], [], False),
+}

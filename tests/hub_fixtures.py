@@ -15,6 +15,8 @@ from lynx_zoo.fusion.base import LynxModel
 from lynx_zoo.llm import load_tokenizer
 from lynx_zoo.vision import VisionEncoder
 
+PROMPTS = ["how many shapes are there?", "what color is the circle in the top left?"]
+
 
 def write_bases(root: Path) -> dict:
     """A tiny timm tower (safetensors file) and a tiny LLaMA folder, as base weights on disk.
@@ -95,3 +97,11 @@ def to_original_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         else:
             raise AssertionError(f"unmapped test key {key}")
     return original
+
+
+def outputs(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[str]]:
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    return logits, model.generate(
+        images=inputs["images"], prompts=PROMPTS, max_new_tokens=5, min_new_tokens=5, num_beams=1
+    )

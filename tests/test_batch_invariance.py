@@ -32,7 +32,7 @@ def batched(model, media: torch.Tensor | None, kind: str, size: int) -> list[str
 
 
 def open_gates(model) -> None:
-    for block in model.blocks():
+    for block in model.fusion_blocks().values():
         block.attn_gate.data.fill_(1.0)
         block.ff_gate.data.fill_(1.0)
 

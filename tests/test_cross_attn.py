@@ -121,7 +121,7 @@ def test_text_only_batches_run_the_gated_feed_forward_as_openflamingo(make_tiny)
     torch.testing.assert_close(closed.logits, plain.logits, rtol=0, atol=0)
     # ... and the feed-forward's gate already learns from text: its gradient is the feed-forward's output
     closed.loss.backward()
-    for block in model.blocks():
+    for block in model.fusion_blocks().values():
         assert block.ff_gate.grad is not None and block.ff_gate.grad.abs().item() > 0
         assert all(p.grad is None for p in (block.attn_gate, block.to_q.weight, block.to_kv.weight))
     # gates open: the feed-forward changes every token of a text-only batch and its weights get gradient
@@ -130,7 +130,7 @@ def test_text_only_batches_run_the_gated_feed_forward_as_openflamingo(make_tiny)
     opened = model(batch["input_ids"], batch["attention_mask"], None, batch["labels"])
     assert not torch.allclose(opened.logits, plain.logits)
     opened.loss.backward()
-    for block in model.blocks():
+    for block in model.fusion_blocks().values():
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in block.ff.parameters())
         assert block.to_q.weight.grad is None  # no media: the attention contributes nothing
 

@@ -9,16 +9,16 @@ from pathlib import Path
 import lightning
 import pytest
 import torch
+from eval_fixtures import SECRET, ChatServer, write_mme_fixture
 from PIL import Image
-from test_eval_judges import SECRET, ChatServer
-from test_eval_lmms import one_thread  # noqa: F401  (the autouse fixture: tiny models on one thread)
-from test_eval_mme import write_mme_fixture
 
 from lynx_zoo import PrefixLynx
 from lynx_zoo.cli import main
 from lynx_zoo.data.answers import normalize_answer
 from lynx_zoo.data.shapes import write_shapes_vqa
 from lynx_zoo.evaluation.runner import Variant, parse_benchmark, parse_variant
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_checkpoint(path: Path, seed: int, class_path: str | None) -> Path:
@@ -118,12 +118,12 @@ def test_one_results_file_per_variant_and_benchmark_with_the_run_recorded(run, b
     for stem in stems:
         assert (results / f"{stem}.predictions.jsonl").is_file()
     alpha, _ = load(results, "alpha__shapes")
-    assert alpha["checkpoint"] == str(bench["alpha"].resolve())
+    assert alpha["model"] == str(bench["alpha"].resolve())
     assert alpha["run_config"] == str(bench["alpha"].parent.parent / "config.yaml")
     assert alpha["model_class"] == "lynx_zoo.fusion.prefix.PrefixLynx"
-    assert alpha["hparams"]["bridge"]["num_queries"] == 4 and alpha["generation"]["max_new_tokens"] == 3
+    assert alpha["init_args"]["bridge"]["num_queries"] == 4 and alpha["generation"]["max_new_tokens"] == 3
     beta, _ = load(results, "beta__shapes")
-    assert beta["run_config"] is None and beta["checkpoint"] == str(bench["beta"].resolve())
+    assert beta["run_config"] is None and beta["model"] == str(bench["beta"].resolve())
 
 
 def test_vqa_accuracy_per_category_is_exact_match_of_the_models_answers(run, bench):
@@ -259,8 +259,8 @@ def test_input_errors_are_one_line_and_name_the_problem(bench, tmp_path, capsys)
 
 def test_names_come_from_the_spec_the_run_folder_or_the_file(tmp_path):
     lightning_name = tmp_path / "runs/pt420/lightning_logs/version_3/checkpoints/epoch=3-step=40.ckpt"
-    assert parse_variant(str(lightning_name)) == Variant("pt420", lightning_name)  # '=' inside a path is no NAME=
-    assert parse_variant(f"ours={lightning_name}") == Variant("ours", lightning_name)
+    assert parse_variant(str(lightning_name)) == Variant("pt420", str(lightning_name))  # '=' in a path: no NAME=
+    assert parse_variant(f"ours={lightning_name}") == Variant("ours", str(lightning_name))
     assert parse_variant(str(tmp_path / "epoch=3-step=40.ckpt")).name == "epoch-3-step-40"
     assert parse_benchmark("mme", "data/MME_Benchmark").name == "mme-MME_Benchmark"
-    assert parse_variant("not a name=x.ckpt") == Variant("not-a-name-x", Path("not a name=x.ckpt"))  # so a path
+    assert parse_variant("not a name=x.ckpt") == Variant("not-a-name-x", "not a name=x.ckpt")  # so a path

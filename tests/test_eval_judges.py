@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import re
-import threading
 import time
-from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from eval_fixtures import SECRET, ChatServer
 
 from lynx_zoo.evaluation import (
     JUDGE_PROMPT,
@@ -25,89 +22,6 @@ from lynx_zoo.evaluation import (
     parse_judge_reply,
 )
 from lynx_zoo.llm import LLMConfig, build_llm, load_tokenizer
-
-SECRET = "sk-test-7f3a9c-never-written-anywhere"
-PROMPT = re.compile(
-    r'^Given the question "(.*)", does the answer "(.*)" imply the answer "(.*)"\? Answer with Yes or No\.$', re.S
-)
-
-
-class ChatServer:
-    """An OpenAI-compatible chat-completions endpoint on a free loopback port.
-
-    It answers by rule ("Yes" when the prediction contains the ground truth, else "No"); ``script``
-    queues actions for the next requests instead: ``("status", 429)``, ``("sleep", 0.5)`` (reply
-    late), ``("body", "not json")`` or ``("content", "Maybe")``. ``requests`` records each request.
-    """
-
-    def __init__(self) -> None:
-        self.requests: list[dict] = []
-        self.script: deque[tuple[str, object]] = deque()
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:  # keep the test output quiet
-                pass
-
-            def _send(self, status: int, body: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                try:
-                    self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
-                    pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                owner.requests.append(
-                    {
-                        "time": time.monotonic(),
-                        "path": self.path,
-                        "auth": self.headers.get("Authorization"),
-                        "body": body,
-                    }
-                )
-                action, value = owner.script.popleft() if owner.script else ("rule", None)
-                if action == "status":
-                    return self._send(int(value), json.dumps({"error": {"message": "busy"}}).encode())
-                if action == "body":
-                    return self._send(200, str(value).encode())
-                if action == "sleep":
-                    time.sleep(float(value))
-                content = value if action == "content" else owner.rule(body["messages"][0]["content"])
-                reply = {
-                    "id": "x",
-                    "object": "chat.completion",
-                    "model": body["model"],
-                    "choices": [
-                        {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
-                    ],
-                }
-                self._send(200, json.dumps(reply).encode())
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    @staticmethod
-    def rule(prompt: str) -> str:
-        match = PROMPT.match(prompt)
-        if match is None:
-            return "I did not get the question."
-        _, prediction, answer = match.groups()
-        return "Yes" if answer.lower() in prediction.lower() else "No"
-
-    def __enter__(self) -> ChatServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
 
 
 @pytest.fixture

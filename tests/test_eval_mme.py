@@ -1,58 +1,10 @@
 """MME: the loader (both layouts), the official yes/no reading, and the score on a fixture worked out by hand."""
 
-from pathlib import Path
-
 import pytest
 import torch
-from PIL import Image
+from eval_fixtures import write_image, write_mme_fixture
 
 from lynx_zoo.evaluation import MMEFormatError, MMEScore, load_mme, mme_yes_no
-
-
-def _image(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 8), (120, 30, 200)).save(path)
-
-
-def write_mme_fixture(root: Path) -> dict[tuple[str, str, str], str]:
-    """Four subtasks in both layouts; returns the answer the "model" gives to each (subtask, image, question)."""
-    # existence, count: the ground-truth table layout (<subtask>/<subtask>.txt, images in the folder)
-    tables = {
-        "existence": [
-            ("a.png", "Is there a dog?", "Yes", "Yes, there is a dog."),
-            ("a.png", "Is there a cat?", "No", "no."),
-            ("b.png", "Is there a car?", "Yes", "The answer is yes"),
-            ("b.png", "Is there a bus?", "No", "No"),
-            ("c.png", "Is there a tree?", "No", "yes"),
-            ("c.png", "Is there a sky?", "Yes", "  YES  "),
-        ],
-        "count": [
-            ("d.png", "Are there two dogs?", "Yes", "Not sure"),
-            ("d.png", "Are there three dogs?", "No", "no"),
-            ("e.png", "Is there one apple?", "No", "nope"),
-            ("e.png", "Are there two apples?", "Yes", "yes."),
-        ],
-    }
-    answers = {}
-    for subtask, rows in tables.items():
-        lines = []
-        for image, question, truth, answer in rows:
-            _image(root / subtask / image)
-            lines.append(f"{image}\t{question}\t{truth}")
-            answers[(subtask, image, question)] = answer
-        (root / subtask / f"{subtask}.txt").write_text("\n".join(lines) + "\n")
-    # artwork: the release layout with images/ and questions_answers_YN/
-    _image(root / "artwork" / "images" / "g.jpg")
-    (root / "artwork" / "questions_answers_YN").mkdir(parents=True)
-    (root / "artwork" / "questions_answers_YN" / "g.txt").write_text("Is this by Monet?\tYes\nIs this by Dali?\tNo\n")
-    answers[("artwork", "g.jpg", "Is this by Monet?")] = "yes"
-    answers[("artwork", "g.jpg", "Is this by Dali?")] = "Yes"
-    # code_reasoning: the release layout with the image and its txt side by side
-    _image(root / "code_reasoning" / "f.png")
-    (root / "code_reasoning" / "f.txt").write_text("Does it print 3?\tYes\nDoes it print 4?\tNo\n")
-    answers[("code_reasoning", "f.png", "Does it print 3?")] = "Yes"
-    answers[("code_reasoning", "f.png", "Does it print 4?")] = "No"
-    return answers
 
 
 @pytest.mark.parametrize(
@@ -172,7 +124,7 @@ def test_a_duplicated_answer_is_an_error_not_a_silent_score(tmp_path):
     ],
 )
 def test_malformed_ground_truth_names_the_file_and_line(tmp_path, line, message):
-    _image(tmp_path / "existence" / "a.png")
+    write_image(tmp_path / "existence" / "a.png")
     (tmp_path / "existence" / "existence.txt").write_text(line + "\n")
     with pytest.raises(MMEFormatError, match=message):
         load_mme(tmp_path)

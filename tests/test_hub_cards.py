@@ -6,12 +6,12 @@ import re
 from pathlib import Path
 
 import pytest
-from test_configs import ADAPTER, CONFIGS, GRID, LLAMA_7B
+from conftest import ADAPTER, CONFIGS, GRID, LLAMA_7B
 
-from lynx_zoo.adapters import AdapterConfig
-from lynx_zoo.hub.cards import resolved_config, stale_cards
+from lynx_zoo.hub.cards import stale_cards
+from lynx_zoo.hub.config import ModelConfig
 from lynx_zoo.hub.variants import VARIANTS
-from lynx_zoo.llm.causal_lm import KNOWN_ARCHITECTURES
+from lynx_zoo.llm import LLMConfig, base_llm
 
 REPO = Path(__file__).resolve().parents[1]
 CARDS = REPO / "model_cards"
@@ -42,12 +42,13 @@ def test_the_cards_are_what_the_configs_generate():
     assert stale_cards(CARDS) == [], "run: python -m lynx_zoo cards"
 
 
-def _num_layers(llm: dict) -> int:
-    if llm.get("config"):
-        return llm["config"]["num_hidden_layers"]
-    if llm.get("model") in KNOWN_ARCHITECTURES:
-        return KNOWN_ARCHITECTURES[llm["model"]]["num_hidden_layers"]
-    assert llm.get("gguf_file", "").startswith("SmolLM2-135M"), llm
+def _num_layers(llm: LLMConfig) -> int:
+    if llm.config:
+        return llm.config["num_hidden_layers"]
+    known = base_llm(llm.model)
+    if known is not None:
+        return known.architecture["num_hidden_layers"]
+    assert (llm.gguf_file or "").startswith("SmolLM2-135M"), llm
     return SMOLLM2_LAYERS
 
 
@@ -55,20 +56,18 @@ def _num_layers(llm: dict) -> int:
 def test_card_states_the_config(variant_id):
     info = VARIANTS[variant_id]
     text = (CARDS / f"{variant_id}.md").read_text()
-    config = resolved_config(info.config_paths)["model"]
-    args = config["init_args"]
-    fusion = config["class_path"].rpartition(".")[2]
+    config, _ = ModelConfig.from_files(info.config_paths)
+    fusion = config.model_class.__name__
     assert f"`{fusion}`" in card_field(text, "fusion")
     assert card_field(text, "fusion").startswith("PT " if fusion == "PrefixLynx" else "CA ")
-    assert card_field(text, "image size") == f"{args['vision']['image_size']} px"
-    layers = AdapterConfig(**args["adapters"]).layer_indices(_num_layers(args["llm"]))
+    assert card_field(text, "image size") == f"{config.vision.image_size} px"
+    layers = config.adapters.layer_indices(_num_layers(config.llm))
     assert card_field(text, "adapter layers") == (", ".join(map(str, layers)) or "none")
-    llm_id = args["llm"]["model"]
-    if llm_id:
-        assert llm_id in card_field(text, "LLM")
+    if config.llm.model:
+        assert config.llm.model in card_field(text, "LLM")
     else:
         assert "random-weights llama" in card_field(text, "LLM")
-    assert card_field(text, "LLM trains") == ("yes" if args["llm"]["trainable"] else "no (frozen)")
+    assert card_field(text, "LLM trains") == ("yes" if config.llm.trainable else "no (frozen)")
     assert text.startswith("---\nlicense: ") and "\npipeline_tag: image-text-to-text\n" in text
 
 
@@ -81,16 +80,15 @@ def test_grid_cards_state_the_reference_parameter_counts(stem):
     assert f"`{fusion}`" in card_field(text, "fusion") and card_field(text, "image size") == f"{size} px"
     assert f"`{llm_id}`" == card_field(text, "LLM")
     assert card_field(text, "visual tokens per image") == f"{(size // 14) ** 2 + 1} from the tower"
-    assert card_field(text, "cross-attention").startswith(
-        f"before layers {', '.join(map(str, xattn))}" if xattn else "none"
-    )
+    blocks = f"`GatedCrossAttentionBlock` before layers {', '.join(map(str, xattn))}" if xattn else "none"
+    assert card_field(text, "fusion blocks") == blocks
     rows = dict(re.findall(r"^\| ([^|]+) \| ([\d,]+) \| (?:yes|no) \|$", text, re.M))
     counts = {k: int(v.replace(",", "")) for k, v in rows.items()}
-    assert counts["LLM (without adapters / cross-attention)"] == LLAMA_7B
+    assert counts["LLM (without adapters / fusion blocks)"] == LLAMA_7B
     assert counts.get("adapters", 0) == len(adapters) * ADAPTER
     trainable = card_count(text, "trainable parameters")
     frame_positions = 5 * 1408  # (1, 5 frames, 1, EVA width)
-    base = counts["bridge"] + counts.get("adapters", 0) + counts.get("cross-attention blocks", 0) + frame_positions
+    base = counts["bridge"] + counts.get("adapters", 0) + counts.get("fusion blocks", 0) + frame_positions
     assert trainable == base + (LLAMA_7B if llm_trainable else 0)
     # the variant stores what trains (the frozen EVA tower and LLM are referenced)
     assert card_count(text, "parameters stored in the variant's model.safetensors") == trainable

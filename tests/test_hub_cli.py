@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lynx_zoo import PrefixLynx, load_pretrained
+from lynx_zoo import PrefixLynx, load_model, load_pretrained
 from lynx_zoo.cli import main
-from lynx_zoo.hub.cli import is_hub_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,11 +66,11 @@ def test_export_predict_and_chat_from_the_terminal(fitted, tmp_path, monkeypatch
     model = load_pretrained(out)
     settings = dict(preset="greedy", max_new_tokens=3, min_new_tokens=3)
     expected = model.generate(images=[fitted["image"]], prompts=[question], **settings)[0]
-    # a question about an image file: `predict --image` is ours, LightningCLI's `predict` takes a DataModule
+    # a question about an image file: `ask` (LightningCLI's `predict` runs a DataModule's predict loop)
     args = ["--variant", "my-tiny", "--image", str(fitted["image"]), "--preset", "greedy"]
     args += ["--max-new-tokens", "3", "--min-new-tokens", "3"]
     capsys.readouterr()
-    main(["predict", *args, "--question", question])
+    main(["ask", *args, "--question", question])
     assert expected.strip() and capsys.readouterr().out == expected + "\n"
     # chat: questions piped on stdin, one answer a line; /text switches to questions without the image
     text_only = model.generate(prompts=[question], **settings)[0]
@@ -80,9 +79,32 @@ def test_export_predict_and_chat_from_the_terminal(fitted, tmp_path, monkeypatch
     assert capsys.readouterr().out.splitlines() == [expected, text_only]
 
 
-def test_predict_dispatch_keeps_lightning_predict():
-    assert is_hub_command(["predict", "--variant", "x", "--image", "a.png", "-q", "?"])
-    assert is_hub_command(["predict", "--video=a.mp4"])
-    assert not is_hub_command(["predict", "--config", "configs/tiny.yaml", "--ckpt_path", "x.ckpt"])
-    assert not is_hub_command(["fit", "--config", "configs/tiny.yaml"])
-    assert is_hub_command(["export", "--ckpt", "x"]) and is_hub_command(["convert-lynx"])
+def test_ask_answers_with_the_variants_own_generation_settings(fitted, monkeypatch, capsys):
+    """No preset unless one is asked for: a preset's forced minimum length must not pad a one-word answer."""
+    monkeypatch.setenv("LYNX_ZOO_VARIANTS", fitted["env"]["LYNX_ZOO_VARIANTS"])
+    model = load_model("lynx-tiny")
+    question = "how many shapes are there?"
+    expected = model.generate(images=[fitted["image"]], prompts=[question])[0]  # model.eval_generation
+    forced = model.generate(images=[fitted["image"]], prompts=[question], preset="lynx-beam")[0]
+    capsys.readouterr()
+    assert main(["ask", "--variant", "lynx-tiny", "--image", str(fitted["image"]), "-q", question]) == expected
+    assert capsys.readouterr().out == expected + "\n"
+    assert len(forced.split()) >= 2 and len(expected.split()) <= model.eval_generation["max_new_tokens"]
+
+
+def test_predict_is_lightnings_and_points_questions_to_ask(tmp_path):
+    with pytest.raises(SystemExit, match="ask --image"):
+        main(["predict", "--variant", "x", "--image", "a.png", "-q", "?"])
+
+
+def test_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: python -m lynx_zoo COMMAND")
+    for command in ("fit", "validate", "test", "predict", "ask", "chat", "evaluate", "report", "export", "variants",
+                    "cards", "convert-lynx", "configs", "stages"):  # fmt: skip
+        assert f"\n  {command} " in text, command
+    help_out = subprocess.run(
+        [sys.executable, "-m", "lynx_zoo", "fit", "--help"], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+    assert help_out.returncode == 0 and help_out.stdout.startswith("usage: python -m lynx_zoo"), help_out.stdout[:300]

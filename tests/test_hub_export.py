@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hub_fixtures import fixed_inputs, make_model, write_bases
+from hub_fixtures import fixed_inputs, make_model, outputs, write_bases
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -20,20 +20,11 @@ from lynx_zoo import CrossAttnLynx, PrefixLynx
 from lynx_zoo.hub import BaseModelNotFoundError, VariantError, export_variant, load_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPTS = ["how many shapes are there?", "what color is the circle in the top left?"]
 
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory) -> dict:
     return write_bases(tmp_path_factory.mktemp("bases"))
-
-
-def outputs(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[str]]:
-    with torch.no_grad():
-        logits = model(**inputs).logits
-    return logits, model.generate(
-        images=inputs["images"], prompts=PROMPTS, max_new_tokens=5, min_new_tokens=5, num_beams=1
-    )
 
 
 def test_export_then_load_in_a_fresh_process_gives_identical_logits_and_generations(tmp_path, bases):
@@ -47,7 +38,7 @@ def test_export_then_load_in_a_fresh_process_gives_identical_logits_and_generati
         import json, sys, torch
         from safetensors.torch import load_file, save_file
         sys.path.insert(0, {str(REPO / "tests")!r})
-        from test_hub_export import outputs
+        from hub_fixtures import outputs
         import lynx_zoo
         model = lynx_zoo.load_pretrained({str(tmp_path / "variant")!r}, expected=lynx_zoo.PrefixLynx)
         logits, answers = outputs(model, load_file({str(tmp_path / "inputs.safetensors")!r}))
@@ -141,7 +132,7 @@ def test_a_pickle_named_like_a_weight_file_is_never_loaded(tmp_path, bases):
 
 def test_a_ca_variant_where_pt_is_expected_says_which_and_what_to_do(tmp_path, bases):
     folder = export_variant(make_model(bases, cls=CrossAttnLynx), tmp_path / "ca")
-    with pytest.raises(VariantError, match=r"CA \(gated cross-attention\) \(CrossAttnLynx\).*expected=CrossAttnLynx"):
+    with pytest.raises(VariantError, match=r"CA \(cross-attention, CrossAttnLynx\).*expected=CrossAttnLynx"):
         load_pretrained(folder, expected=PrefixLynx)
     assert isinstance(load_pretrained(folder, expected=CrossAttnLynx), CrossAttnLynx)
 

@@ -13,9 +13,8 @@ import pytest
 import torch
 from hub_fixtures import to_original_layout
 
-from lynx_zoo.hub.cards import build_on_meta, resolved_config
-from lynx_zoo.hub.config import model_class
-from lynx_zoo.hub.export import base_prefixes, variant_keys
+from lynx_zoo.hub.config import ModelConfig
+from lynx_zoo.hub.weights import base_prefixes, variant_keys
 from lynx_zoo.resources import config_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,11 +88,10 @@ def test_fit_on_a_shipped_config_from_the_wheel(installed):
 def test_convert_lynx_with_its_default_config_from_the_wheel(installed):
     """The released Lynx layout at full size (zeros: only the keys and shapes matter) converts with the default
     config, which the wheel must carry."""
-    config = resolved_config([config_path("zoo:pt_vicuna_420.yaml")])
-    init_args = {k: v for k, v in config["model"]["init_args"].items() if k != "init_from"}
-    model = build_on_meta(model_class({"model_class": config["model"]["class_path"]}, "config"), init_args)
+    config, _ = ModelConfig.from_files([config_path("zoo:pt_vicuna_420.yaml")])
+    model = config.build_on_meta()
     state = model.state_dict()
-    wanted = variant_keys(model, bases=base_prefixes(init_args["vision"], init_args["llm"]))
+    wanted = variant_keys(model, bases=base_prefixes(config.vision, config.llm))
     zeros = {k: torch.zeros(state[k].shape, dtype=torch.bfloat16) for k in wanted}
     checkpoint = installed["work"] / "finetune_lynx.pt"
     torch.save({"model": to_original_layout(zeros)}, checkpoint)

@@ -6,28 +6,26 @@ import importlib
 from pathlib import Path
 
 import pytest
+from conftest import CONFIG_ROOT, CONFIGS, config_args
 from lightning.pytorch.strategies import FSDPStrategy
-from test_configs import CONFIGS, ParseOnlyCLI, config_args
 
+from lynx_zoo.hub.config import fit_parser
 from lynx_zoo.training.checkpoint_io import AtomicCheckpointIO
 from lynx_zoo.training.distributed import LynxFSDP2Strategy, fsdp1_auto_wrap_policy
 
-STRATEGIES = sorted((Path(__file__).resolve().parents[1] / "configs" / "strategy").glob("*.yaml"))
+STRATEGIES = sorted((CONFIG_ROOT / "strategy").glob("*.yaml"))
 
 
 def test_the_five_strategies_are_there():
     assert [p.stem for p in STRATEGIES] == ["ddp", "fsdp1", "fsdp2", "fsdp2_activation_ckpt", "single"]
 
 
-@pytest.fixture(scope="module")
-def parse():
-    """One LynxCLI parser for every combination (building it is what takes time)."""
-    parser = ParseOnlyCLI(args=config_args(CONFIGS[0]), run=False).parser
-    return lambda paths: parser.parse_args(config_args(paths))
+def parse(paths: list[Path]):
+    return fit_parser().parse_args(config_args(paths))
 
 
 @pytest.mark.parametrize("configs", CONFIGS, ids=lambda ps: "+".join(p.stem for p in ps))
-def test_every_strategy_config_composes_with_the_model_config(parse, configs):
+def test_every_strategy_config_composes_with_the_model_config(configs):
     base = parse(configs)
     for strategy in STRATEGIES:
         config = parse([*configs, strategy])
@@ -40,12 +38,12 @@ def test_every_strategy_config_composes_with_the_model_config(parse, configs):
 
 def build_strategy(strategy: Path):
     """The strategy object and the plugins of a strategy config (laid over the tiny config)."""
-    cli = ParseOnlyCLI(args=config_args([CONFIGS[0][0].parent / "tiny.yaml", strategy]), run=False)
+    config = parse([CONFIG_ROOT / "tiny.yaml", strategy])
     plugins = [
         getattr(importlib.import_module(p.class_path.rpartition(".")[0]), p.class_path.rpartition(".")[2])()
-        for p in cli.config.trainer.plugins or []
+        for p in config.trainer.plugins or []
     ]
-    value = cli.config.trainer.strategy
+    value = config.trainer.strategy
     if isinstance(value, str):
         return value, plugins
     module, _, name = value.class_path.rpartition(".")

@@ -19,7 +19,6 @@ from lynx_zoo.evaluation.runner import (
     Benchmark,
     Evaluator,
     Variant,
-    load_variant,
     write_side_by_side,
 )
 from lynx_zoo.metrics import (
@@ -54,7 +53,6 @@ __all__ = [
     "judge_all",
     "judge_prompt",
     "load_mme",
-    "load_variant",
     "mme_yes_no",
     "parse_judge_reply",
     "write_report",

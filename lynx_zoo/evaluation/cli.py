@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 import torch
@@ -12,7 +11,6 @@ import torch
 from lynx_zoo.evaluation.judges import (
     ExactMatchJudge,
     Judge,
-    JudgeError,
     JudgementCache,
     OpenAIChatJudge,
     TransformersJudge,
@@ -26,13 +24,21 @@ def evaluate_parser() -> argparse.ArgumentParser:
     """The options of ``evaluate``."""
     parser = argparse.ArgumentParser(
         prog="python -m lynx_zoo evaluate",
-        description="Evaluate lynx_zoo checkpoints on benchmarks; one results JSON per variant x benchmark.",
+        description="Evaluate lynx_zoo models on benchmarks; one results JSON per variant x benchmark.",
     )
     parser.add_argument(
-        "checkpoints",
-        nargs="+",
-        metavar="[NAME=]CHECKPOINT",
-        help="checkpoints to evaluate (named after their run folder unless NAME= is given)",
+        "models",
+        nargs="*",
+        metavar="[NAME=]MODEL",
+        help="models to evaluate: Lightning checkpoints (named after their run folder unless NAME= is given), "
+        "variant folders or variant names",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="[NAME=]MODEL",
+        help="a model to evaluate, as the positional arguments take them (repeatable)",
     )
     bench = parser.add_argument_group("benchmarks (each repeatable; NAME= names the results)")
     bench.add_argument(
@@ -65,7 +71,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, help="default: the model's eval_generation")
     parser.add_argument("--num-beams", type=int, help="default: the model's eval_generation")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--model-class", help="model class for checkpoints that do not record one (e.g. PrefixLynx)")
+    parser.add_argument("--model-class", help="for checkpoints that record no class: a registered one (PrefixLynx)")
     judge = parser.add_argument_group("judge (openvqa benchmarks)")
     judge.add_argument(
         "--judge",
@@ -111,13 +117,15 @@ def build_judge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Ju
 
 
 def evaluate_main(argv: list[str]) -> list[Path]:
-    """``evaluate``: run the benchmarks for every checkpoint; returns the results files written."""
+    """``evaluate``: run the benchmarks for every model; returns the results files written."""
     parser = evaluate_parser()
     args = parser.parse_args(argv)
     benchmarks = [parse_benchmark(kind, spec) for kind in BENCHMARK_KINDS for spec in getattr(args, kind)]
     if not benchmarks:
         parser.error("no benchmark given: use --vqa, --openvqa, --mme or --owleval")
-    variants = [parse_variant(spec) for spec in args.checkpoints]
+    variants = [parse_variant(spec) for spec in [*args.models, *args.variant]]
+    if not variants:
+        parser.error("no model given: name checkpoints, variant folders or variant names (or --variant NAME)")
     uses_judge = any(b.kind == "openvqa" for b in benchmarks)
     judge = build_judge(args, parser) if uses_judge else ExactMatchJudge()
     cache = None
@@ -158,15 +166,3 @@ def report_main(argv: list[str]) -> Path:
     report = write_report(args.results, args.out)
     print(report)
     return report
-
-
-COMMANDS = {"evaluate": evaluate_main, "report": report_main}
-
-
-def run_command(argv: list[str]) -> object:
-    """Run ``evaluate`` or ``report`` (``argv[0]``); errors in the inputs exit with a one-line message."""
-    command, rest = argv[0], argv[1:]
-    try:
-        return COMMANDS[command](rest)
-    except (OSError, ValueError, JudgeError, ImportError) as err:
-        sys.exit(f"lynx_zoo {command}: error: {err}")

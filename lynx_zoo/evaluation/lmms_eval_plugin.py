@@ -20,15 +20,14 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
 from lynx_zoo.data.processor import Sample
-from lynx_zoo.evaluation.runner import load_variant
 from lynx_zoo.fusion.base import LynxModel
+from lynx_zoo.hub import load_model
 
 Request = Any  # an lmms-eval ``Instance``: anything with an ``args`` tuple
 
@@ -37,13 +36,14 @@ class LynxHarnessModel:
     """A lynx_zoo model answering lmms-eval requests.
 
     Args:
-        pretrained: a lynx_zoo checkpoint (or give ``model``).
+        pretrained: anything :func:`lynx_zoo.load_model` takes: a checkpoint, a variant folder, a variant name or
+            ``hf://org/repo`` (or give ``model``).
         model: an already loaded model.
         device: where the model runs (default: CUDA when available).
         batch_size: prompts per ``generate`` / forward call.
         max_batch_size: passed by the harness; batches are ``batch_size``.
         max_rounds: the most rounds of a multi-round request.
-        model_class: the model class for checkpoints that do not record one.
+        model_class: the registered model class for checkpoints that do not record one.
     """
 
     is_simple = True
@@ -61,10 +61,11 @@ class LynxHarnessModel:
         super().__init__()
         if (pretrained is None) == (model is None):
             raise ValueError(
-                "lynx_zoo lmms-eval model: give exactly one of `pretrained` (a checkpoint path) or `model`"
+                "lynx_zoo lmms-eval model: give exactly one of `pretrained` (a checkpoint, variant folder or variant "
+                "name) or `model`"
             )
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = model.eval() if model is not None else load_variant(Path(str(pretrained)), device, model_class)
+        self.model = model.eval() if model is not None else load_model(str(pretrained), device, model_class=model_class)
         self.batch_size = int(batch_size)
         self.max_rounds = int(max_rounds)
         self.task_dict: dict[str, Any] = {}

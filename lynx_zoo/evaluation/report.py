@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REQUIRED_KEYS = ("variant", "benchmark", "kind", "checkpoint", "unit", "summary", "metrics")
+REQUIRED_KEYS = ("variant", "benchmark", "kind", "unit", "summary", "metrics")
 UNIT_LABELS = {"accuracy": "accuracy (%)", "score": "MME score (max 200 per subtask)"}
 
 
@@ -100,13 +100,14 @@ def markdown_table(results: Sequence[Result], out_dir: Path) -> str:
         "Variants link to their run configs. Accuracy in %; MME scores as the official tool (subtask max 200, "
         "perception max 2000, cognition max 800). '–': not evaluated."
     ]
-    runs = ["| variant | benchmark | checkpoint | run config | samples |", "|---|---|---|---|---|"]
+    runs = ["| variant | benchmark | model | run config | samples |", "|---|---|---|---|---|"]
     for r in results:
-        config, checkpoint = r.data.get("run_config"), r.data["checkpoint"]
+        # the checkpoint or variant folder evaluated (`checkpoint` in results written before variants were taken)
+        config, model = r.data.get("run_config"), r.data.get("model") or r.data.get("checkpoint")
         config_cell = f"[config]({_link(config, out_dir)})" if config else "–"
-        checkpoint_cell = f"[{Path(checkpoint).name}]({_link(checkpoint, out_dir)})"
+        model_cell = f"[{Path(model).name}]({_link(model, out_dir)})" if model else "–"
         runs.append(
-            f"| {r.variant} | {r.benchmark} | {checkpoint_cell} | {config_cell} | {r.data.get('num_samples', '–')} |"
+            f"| {r.variant} | {r.benchmark} | {model_cell} | {config_cell} | {r.data.get('num_samples', '–')} |"
         )
     return "\n".join([*lines, "", *notes, "", "## Runs", "", *runs]) + "\n"
 

@@ -1,4 +1,5 @@
-"""Evaluate lynx_zoo checkpoints ("variants") on benchmarks and write one results file per variant x benchmark.
+"""Evaluate lynx_zoo models (checkpoints, variant folders, variant names) on benchmarks and write one results file
+per variant x benchmark.
 
 Benchmark kinds:
 
@@ -9,7 +10,7 @@ Benchmark kinds:
 * ``owleval``: open instructions (JSONL: ``image``, ``instruction``, ``id``); answers only, for
   people to rate, with a Markdown side-by-side table over every variant in the results folder.
 
-In ``RESULTS/``: ``<variant>__<benchmark>.json`` (metrics, checkpoint, run config, settings) and
+In ``RESULTS/``: ``<variant>__<benchmark>.json`` (metrics, the model, its config, settings) and
 ``<variant>__<benchmark>.predictions.jsonl`` (every answer; judged benchmarks add the verdict and
 the judge's raw reply); owleval adds ``<benchmark>.side_by_side.md`` and ``.jsonl``.
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib
 import json
 import logging
 import math
@@ -36,6 +36,8 @@ from lynx_zoo.data.manifest import read_manifest
 from lynx_zoo.evaluation.judges import ExactMatchJudge, Judge, JudgementCache, judge_all
 from lynx_zoo.evaluation.mme import load_mme
 from lynx_zoo.fusion.base import LynxModel
+from lynx_zoo.hub import ModelConfig, load_model, resolve_variant
+from lynx_zoo.hub.config import jsonable
 from lynx_zoo.metrics import CategoryAccuracy, mme_yes_no
 
 log = logging.getLogger(__name__)
@@ -47,10 +49,15 @@ _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 @dataclass(frozen=True)
 class Variant:
-    """A checkpoint to evaluate and the name its results go under."""
+    """A model to evaluate (anything :func:`lynx_zoo.load_model` takes) and the name its results go under."""
 
     name: str
-    checkpoint: Path
+    source: str
+
+    def locate(self) -> Path:
+        """The checkpoint file or variant folder this names; an error naming it if there is none."""
+        path = Path(self.source).expanduser()
+        return path if path.is_file() else resolve_variant(self.source)
 
 
 @dataclass(frozen=True)
@@ -85,54 +92,23 @@ def _default_name(text: str) -> str:
 
 
 def parse_variant(spec: str) -> Variant:
-    """``NAME=PATH`` or ``PATH`` (named after its run folder: ``runs/NAME/lightning_logs/...``, else the file stem)."""
+    """``NAME=MODEL`` or ``MODEL``: a checkpoint (named after its run folder, ``runs/NAME/lightning_logs/...``, else
+    the file stem), a variant folder or a variant name (named after either)."""
     name, path = _split_spec(spec)
     if name is None:
         parts = path.parts
-        name = _default_name(parts[parts.index("lightning_logs") - 1] if "lightning_logs" in parts[1:] else path.stem)
-    return Variant(_check_name(name, "variant"), path)
+        if "lightning_logs" in parts[1:]:
+            name = parts[parts.index("lightning_logs") - 1]
+        else:
+            name = path.stem if path.suffix == ".ckpt" or path.is_file() else path.name
+        name = _default_name(name)
+    return Variant(_check_name(name, "variant"), str(path))
 
 
 def parse_benchmark(kind: BenchmarkKind, spec: str) -> Benchmark:
     """``NAME=PATH`` or ``PATH`` (named ``<kind>-<file stem>``)."""
     name, path = _split_spec(spec)
     return Benchmark(kind, _check_name(name or _default_name(f"{kind}-{path.stem}"), "benchmark"), path)
-
-
-def resolve_model_class(class_path: str) -> type[LynxModel]:
-    """A :class:`LynxModel` subclass from ``module.Class`` or a short zoo name (``PrefixLynx``)."""
-    module, _, name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module or "lynx_zoo"), name, None)
-    if not (isinstance(cls, type) and issubclass(cls, LynxModel)):
-        raise ValueError(f"model class {class_path!r} is not a LynxModel subclass (e.g. PrefixLynx, CrossAttnLynx)")
-    return cls
-
-
-def load_variant(checkpoint: Path, device: str, model_class: str | None = None) -> LynxModel:
-    """The model of a lynx_zoo checkpoint, its class from the checkpoint (``_class_path``) or ``model_class``."""
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    hparams = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
-    class_path = hparams.get("_class_path") or model_class
-    if not class_path:
-        raise ValueError(
-            f"{checkpoint}: its hyper-parameters have no `_class_path` (not saved through the lynx_zoo CLI); "
-            "name the model class, e.g. --model-class PrefixLynx"
-        )
-    model = resolve_model_class(class_path).load_from_checkpoint(checkpoint, map_location=device)
-    return model.eval()
-
-
-def _jsonable(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
 
 
 def _number(value: torch.Tensor | float) -> float | None:
@@ -194,7 +170,7 @@ class Evaluator:
         generation: ``generate`` settings (the model's ``eval_generation`` fills the rest).
         limit: at most this many questions per benchmark (MME: images per subtask).
         device: where the model runs.
-        model_class: the model class for checkpoints that do not record one.
+        model_class: the registered model class for checkpoints that do not record one.
     """
 
     results_dir: Path
@@ -214,13 +190,15 @@ class Evaluator:
         bench_names = [b.name for b in benchmarks]
         if len(set(bench_names)) != len(bench_names):
             raise ValueError(f"benchmark names collide: {bench_names}; name them with NAME=PATH")
-        missing = [str(p) for p in [*(v.checkpoint for v in variants), *(b.path for b in benchmarks)] if not p.exists()]
+        missing = [str(b.path) for b in benchmarks if not b.path.exists()]
         if missing:  # before any model loads
             raise FileNotFoundError(f"not found: {', '.join(missing)}")
+        for variant in variants:
+            variant.locate()
         self.results_dir.mkdir(parents=True, exist_ok=True)
         written = []
         for variant in variants:
-            model = load_variant(variant.checkpoint, self.device, self.model_class)
+            model = load_model(variant.source, self.device, model_class=self.model_class)
             for benchmark in benchmarks:
                 written.append(self.evaluate(model, variant, benchmark))
             del model  # free it before the next variant loads
@@ -244,17 +222,16 @@ class Evaluator:
         with predictions.open("w", encoding="utf-8") as out:
             for row in rows:
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
-        checkpoint = variant.checkpoint.resolve()
-        run_config = checkpoint.parent.parent / "config.yaml"
+        location = variant.locate().resolve()
+        run_config = location.parent.parent / "config.yaml"
         record = {
             "variant": variant.name,
             "benchmark": benchmark.name,
             "kind": benchmark.kind,
             "data": str(benchmark.path.resolve()),
-            "checkpoint": str(checkpoint),
-            "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-            "run_config": str(run_config) if run_config.is_file() else None,
-            "hparams": _jsonable({k: v for k, v in model.hparams.items() if not k.startswith("_")}),
+            "model": str(location),
+            "run_config": str(run_config) if location.is_file() and run_config.is_file() else None,
+            **ModelConfig.from_model(model).to_dict(),
             "generation": {**model.eval_generation, **self.generation},
             "limit": self.limit,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -262,7 +239,7 @@ class Evaluator:
             **result,
         }
         path = self.results_dir / f"{stem}.json"
-        path.write_text(json.dumps(_jsonable(record), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        path.write_text(json.dumps(jsonable(record), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         summary = ", ".join(f"{k} {v:.4g}" for k, v in record["summary"].items() if v is not None)
         log.info("%s: %s -> %s", desc, summary or f"{record['num_samples']} answers", path)
         return path

@@ -80,8 +80,9 @@ class LynxModel(L.LightningModule):
             embeddings are resampled to this model's resolution).
     """
 
-    #: the fusion's name in model cards and messages, e.g. ``"PT (prefix-finetuning)"``
+    #: the fusion's short name in model cards and messages (``"PT"``), and what kind of fusion it is (a card tag)
     label: ClassVar[str] = "fusion"
+    kind: ClassVar[str] = "fusion"
     #: whether the LLM reads the visual tokens inside its input sequence (PT) rather than beside it (CA)
     media_in_sequence: ClassVar[bool] = False
 

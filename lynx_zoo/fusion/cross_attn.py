@@ -147,7 +147,8 @@ class CrossAttnLynx(LynxModel):
         (the other arguments are those of :class:`LynxModel`)
     """
 
-    label = "CA (gated cross-attention)"
+    label = "CA"
+    kind = "cross-attention"
 
     def __init__(self, *args: Any, cross_attn: CrossAttnConfig | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -20,7 +20,8 @@ class PrefixLynx(LynxModel):
     and position ids follow the attention mask, so padding changes nothing.
     """
 
-    label = "PT (prefix-finetuning)"
+    label = "PT"
+    kind = "prefix-finetuning"
     media_in_sequence = True
 
     @contextmanager

@@ -12,6 +12,7 @@ that misses), e.g. in its ``pyproject.toml``::
 from __future__ import annotations
 
 import difflib
+import sys
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, TypeVar
 
@@ -54,12 +55,13 @@ def registered_models() -> dict[str, type[LynxModel]]:
 
 
 def model_class(name: str, where: str = "") -> type[LynxModel]:
-    """The registered class a file names: its short name (``PrefixLynx``) or its exact class path
-    (``lynx_zoo.fusion.prefix.PrefixLynx``). Anything else is an :class:`UnknownModelClassError`; nothing is imported
-    from a module path the name spells."""
+    """The registered class a file names: its short name (``PrefixLynx``), its class path
+    (``lynx_zoo.fusion.prefix.PrefixLynx``), or a public alias of it in a module already imported
+    (``lynx_zoo.PrefixLynx``, as LightningCLI records it). Anything else is an :class:`UnknownModelClassError`;
+    nothing is imported from a module path the name spells."""
     if name not in _MODELS:
         _load_entry_points()
-    cls = _MODELS.get(name) if isinstance(name, str) else None
+    cls = (_MODELS.get(name) or _imported_alias(name)) if isinstance(name, str) else None
     if cls is None:
         known = sorted(registered_models())
         close = difflib.get_close_matches(str(name).rpartition(".")[2], known, n=1)
@@ -70,6 +72,12 @@ def model_class(name: str, where: str = "") -> type[LynxModel]:
             f"lynx_zoo.register_model or an entry point in the group {ENTRY_POINT_GROUP!r}"
         )
     return cls
+
+
+def _imported_alias(name: str) -> type[LynxModel] | None:
+    module, _, attribute = name.rpartition(".")
+    found = getattr(sys.modules.get(module), attribute, None) if module else None
+    return found if any(found is cls for cls in _MODELS.values()) else None
 
 
 def _load_entry_points() -> None:

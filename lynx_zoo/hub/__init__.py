@@ -1,19 +1,23 @@
-"""Pretrained variants: export, safe loading, the variant registry, model cards, the original-release converter."""
+"""Pretrained variants: one model loader, export, the variant registry, model cards, the original-release converter."""
 
 from lynx_zoo.hub.callbacks import ExportVariant
+from lynx_zoo.hub.config import ModelConfig
 from lynx_zoo.hub.export import export_checkpoint, export_variant
-from lynx_zoo.hub.loading import BaseModelNotFoundError, VariantError
-from lynx_zoo.hub.variants import VARIANTS, VariantInfo, list_variants, load_pretrained, register_local
+from lynx_zoo.hub.loading import BaseModelNotFoundError, VariantError, load_model, load_pretrained
+from lynx_zoo.hub.variants import VARIANTS, VariantInfo, list_variants, register_local, resolve_variant
 
 __all__ = [
     "VARIANTS",
     "BaseModelNotFoundError",
     "ExportVariant",
+    "ModelConfig",
     "VariantError",
     "VariantInfo",
     "export_checkpoint",
     "export_variant",
     "list_variants",
+    "load_model",
     "load_pretrained",
     "register_local",
+    "resolve_variant",
 ]

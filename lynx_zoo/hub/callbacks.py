@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from lynx_zoo.hub.export import export_variant
+from lynx_zoo.hub.export import export_variant, full_state_dict
 from lynx_zoo.hub.variants import register_local, variants_home
 
 
@@ -20,7 +20,7 @@ def run_variant_name(default_root_dir: str) -> str:
 
 class ExportVariant(L.Callback):
     """When ``fit`` finishes, export the model as a variant folder and register it under ``name``, so that
-    ``lynx_zoo.load_pretrained(name)`` loads it.
+    ``lynx_zoo.load_model(name)`` loads it. Under FSDP2 the full weights are gathered first.
 
     Args:
         name: the variant name (default: the run folder's name with ``-`` for ``_``, prefixed ``lynx-``,
@@ -33,9 +33,14 @@ class ExportVariant(L.Callback):
         self.out = out
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or trainer.interrupted:
+        if trainer.interrupted:
+            return
+        # every rank takes part in gathering a sharded (FSDP2) model's weights; rank 0 writes them
+        state = full_state_dict(pl_module)
+        if not trainer.is_global_zero:
             return
         name = self.name or run_variant_name(trainer.default_root_dir)
-        folder = export_variant(pl_module, Path(self.out) if self.out else variants_home() / name, name=name)
+        out = Path(self.out) if self.out else variants_home() / name
+        folder = export_variant(pl_module, out, name=name, state=state)
         register_local(name, folder)
-        rank_zero_info(f"Exported variant {name!r} to {folder}: lynx_zoo.load_pretrained({name!r})")
+        rank_zero_info(f"Exported variant {name!r} to {folder}: lynx_zoo.load_model({name!r})")

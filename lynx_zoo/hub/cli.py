@@ -1,9 +1,5 @@
-"""Commands of pretrained variants: ``export``, ``predict``/``chat`` (a question about an image or video),
-``variants``, ``cards``, ``convert-lynx``.
-
-``python -m lynx_zoo predict`` is this module's command when it is given ``--image`` or ``--video`` (a question
-about a file); without them it is LightningCLI's ``predict`` (a DataModule's predict loop).
-"""
+"""The model commands of ``python -m lynx_zoo``: ``ask`` and ``chat`` (questions about an image or video file),
+``export``, ``variants``, ``cards``, ``convert-lynx`` and ``configs``. Each is a function of its arguments."""
 
 from __future__ import annotations
 
@@ -13,31 +9,35 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lynx_zoo.fusion.base import LynxModel
-from lynx_zoo.resources import config_path, shipped
+from lynx_zoo.resources import config_path, shipped, shipped_configs
 
-HUB_COMMANDS = ("export", "chat", "variants", "cards", "convert-lynx")
-PREDICT_FLAGS = ("--image", "--video")
+PROG = "python -m lynx_zoo"
 
 
-def is_hub_command(argv: list[str]) -> bool:
-    """Whether ``argv`` is one of these commands (``predict`` only with ``--image``/``--video``)."""
-    if not argv:
-        return False
-    if argv[0] == "predict":
-        return any(arg.split("=", 1)[0] in PREDICT_FLAGS for arg in argv[1:])
-    return argv[0] in HUB_COMMANDS
+def _parser(command: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"{PROG} {command}", description=description)
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--variant", help="a variant name (lynx_zoo.list_variants()), folder, or hf://org/repo")
-    source.add_argument("--ckpt", type=Path, help="a Lightning checkpoint of a lynx_zoo run")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None, help="the LLM's weight dtype (e.g. bfloat16); default as saved")
     parser.add_argument(
-        "--preset", default="lynx", help="generation preset: lynx (the release: 5-beam sampling), lynx-beam, greedy"
+        "--variant",
+        "--model",
+        "--ckpt",
+        dest="source",
+        required=True,
+        help="a variant name (lynx_zoo.list_variants()), a variant folder, hf://org/repo, or a Lightning checkpoint",
     )
-    parser.add_argument("--seed", type=int, default=None, help="seed of the sampling (default: the preset's)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--dtype", default=None, help="the LLM's weight dtype (e.g. bfloat16, float32); default as saved"
+    )
+    parser.add_argument(
+        "--preset",
+        default=None,
+        help="generation preset over the model's own settings: lynx (the release: 5-beam sampling), lynx-beam, greedy "
+        "(default: none, the model's eval_generation)",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="seed of the sampling")
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--min-new-tokens", type=int, default=None)
     parser.add_argument("--num-beams", type=int, default=None)
@@ -50,26 +50,22 @@ def _media_args(parser: argparse.ArgumentParser, required: bool) -> None:
 
 
 def _load(args: argparse.Namespace) -> LynxModel:
-    if args.variant:
-        from lynx_zoo.hub.variants import load_pretrained
+    from lynx_zoo.hub.loading import load_model
 
-        return load_pretrained(args.variant, device=args.device, dtype=args.dtype)
-    from lynx_zoo.evaluation.runner import load_variant
-
-    return load_variant(args.ckpt, args.device)
+    return load_model(args.source, device=args.device, dtype=args.dtype)
 
 
-def _generation(args: argparse.Namespace) -> dict[str, Any]:
-    settings: dict[str, Any] = {"preset": args.preset}
-    if args.max_new_tokens is not None:
-        settings["max_new_tokens"] = args.max_new_tokens
-    if args.min_new_tokens is not None:
-        settings["min_new_tokens"] = args.min_new_tokens
-    if args.num_beams is not None:
-        settings["num_beams"] = args.num_beams
-    if args.seed is not None:
-        settings["seed"] = args.seed
-    return settings
+def generation_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``generate`` keyword arguments from the command's options: only those given (the model's own settings
+    fill the rest)."""
+    options = {
+        "preset": args.preset,
+        "max_new_tokens": args.max_new_tokens,
+        "min_new_tokens": args.min_new_tokens,
+        "num_beams": args.num_beams,
+        "seed": args.seed,
+    }
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def answer(model: LynxModel, question: str, image: Path | None, video: Path | None, settings: dict[str, Any]) -> str:
@@ -77,6 +73,18 @@ def answer(model: LynxModel, question: str, image: Path | None, video: Path | No
     if video is not None:
         return model.generate(videos=[video], prompts=[question], **settings)[0]
     return model.generate(images=None if image is None else [image], prompts=[question], **settings)[0]
+
+
+def ask_main(argv: list[str]) -> str:
+    """``ask``: one question about an image or video file; prints and returns the answer."""
+    parser = _parser("ask", "Answer a question about an image or video file with a variant or checkpoint.")
+    _model_args(parser)
+    _media_args(parser, required=True)
+    parser.add_argument("--question", "-q", required=True)
+    args = parser.parse_args(argv)
+    reply = answer(_load(args), args.question, args.image, args.video, generation_options(args))
+    print(reply)
+    return reply
 
 
 def chat(model: LynxModel, image: Path | None, video: Path | None, settings: dict[str, Any], lines: TextIO) -> None:
@@ -104,81 +112,81 @@ def chat(model: LynxModel, image: Path | None, video: Path | None, settings: dic
             print(f"error: {err}", file=sys.stderr, flush=True)
 
 
-def run_command(argv: list[str]) -> Any:
-    """Run one of these commands (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m lynx_zoo")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    export = commands.add_parser("export", help="export a run's checkpoint as a variant folder")
-    export.add_argument("--ckpt", type=Path, required=True, help="the Lightning checkpoint (RUN.ckpt)")
-    export.add_argument("--out", type=Path, required=True, help="the variant folder to write")
-    export.add_argument("--name", help="the variant's name (default: the folder name)")
-    export.add_argument("--model-class", help="for checkpoints that record no model class (e.g. PrefixLynx)")
-    export.add_argument("--register", action="store_true", help="register it locally under its name")
-
-    predict = commands.add_parser("predict", help="answer a question about an image or video file")
-    _model_args(predict)
-    _media_args(predict, required=True)
-    predict.add_argument("--question", "-q", required=True)
-
-    chat_parser = commands.add_parser("chat", help="answer questions read from stdin, one a line")
-    _model_args(chat_parser)
-    _media_args(chat_parser, required=False)
-
-    commands.add_parser("variants", help="list the released and locally registered variants")
-
-    cards = commands.add_parser("cards", help="generate model_cards/<variant>.md from the configs")
-    cards.add_argument("--out", type=Path, default=shipped("model_cards"), help="default: the shipped model_cards/")
-    cards.add_argument("--check", action="store_true", help="write nothing; fail if a card is missing or stale")
-    cards.add_argument("ids", nargs="*", help="only these variants (default: all)")
-
-    convert = commands.add_parser("convert-lynx", help="convert an original Lynx checkpoint into a variant")
-    convert.add_argument("--ckpt", type=Path, required=True, help="finetune_lynx.pt / pretrain_lynx.pt")
-    convert.add_argument("--out", type=Path, required=True)
-    convert.add_argument(
-        "--config",
-        type=config_path,
-        action="append",
-        help="lynx_zoo config(s): zoo:NAME or a path (default: the real Lynx)",
-    )
-    convert.add_argument("--name", help="the variant's name (default: the folder name)")
-    convert.add_argument("--register", action="store_true", help="register it locally under its name")
-
+def chat_main(argv: list[str]) -> None:
+    """``chat``: questions read from stdin, one a line."""
+    parser = _parser("chat", "Answer questions read from stdin, one a line (/image PATH, /video PATH, /text, /quit).")
+    _model_args(parser)
+    _media_args(parser, required=False)
     args = parser.parse_args(argv)
-    if args.command == "export":
-        from lynx_zoo.hub.export import export_checkpoint
+    chat(_load(args), args.image, args.video, generation_options(args), sys.stdin)
 
-        folder = export_checkpoint(args.ckpt, args.out, name=args.name, model_class=args.model_class)
-        return _done(folder, args.name, args.register)
-    if args.command == "convert-lynx":
-        from lynx_zoo.hub.convert_lynx import convert_lynx
 
-        folder = convert_lynx(args.ckpt, args.out, configs=args.config, name=args.name)
-        return _done(folder, args.name, args.register)
-    if args.command == "variants":
-        from lynx_zoo.hub.variants import list_variants
+def export_main(argv: list[str]) -> Path:
+    """``export``: a run's checkpoint as a variant folder."""
+    parser = _parser("export", "Export a run's Lightning checkpoint as a variant folder (safetensors, config, card).")
+    parser.add_argument("--ckpt", type=Path, required=True, help="the Lightning checkpoint (RUN.ckpt)")
+    parser.add_argument("--out", type=Path, required=True, help="the variant folder to write")
+    parser.add_argument("--name", help="the variant's name (default: the folder name)")
+    parser.add_argument("--model-class", help="for checkpoints that record no class: a registered one (PrefixLynx)")
+    parser.add_argument("--register", action="store_true", help="register it locally under its name")
+    args = parser.parse_args(argv)
+    from lynx_zoo.hub.export import export_checkpoint
 
-        for row in list_variants():
-            print(f"{row.id:<42} {'present' if row.available else 'absent ':<8} {row.location}")
-        return None
-    if args.command == "cards":
-        from lynx_zoo.hub.cards import stale_cards, write_cards
+    folder = export_checkpoint(args.ckpt, args.out, name=args.name, model_class=args.model_class)
+    return _done(folder, args.name, args.register)
 
-        if args.check:
-            stale = stale_cards(args.out)
-            if stale:
-                sys.exit(f"lynx_zoo: stale or missing model cards: {stale}; run python -m lynx_zoo cards")
-            return None
-        for path in write_cards(args.out, args.ids or None):
-            print(path)
-        return None
-    model = _load(args)
-    settings = _generation(args)
-    if args.command == "predict":
-        print(answer(model, args.question, args.image, args.video, settings))
-        return None
-    chat(model, args.image, args.video, settings, sys.stdin)
-    return None
+
+def convert_main(argv: list[str]) -> Path:
+    """``convert-lynx``: an original Lynx release checkpoint as a variant folder."""
+    parser = _parser("convert-lynx", "Convert a checkpoint of the original Lynx release into a variant folder.")
+    parser.add_argument("--ckpt", type=Path, required=True, help="finetune_lynx.pt / pretrain_lynx.pt")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--config", type=config_path, action="append", help="lynx_zoo config(s): zoo:NAME or a path (default: Lynx)"
+    )
+    parser.add_argument("--name", help="the variant's name (default: the folder name)")
+    parser.add_argument("--register", action="store_true", help="register it locally under its name")
+    args = parser.parse_args(argv)
+    from lynx_zoo.hub.convert_lynx import convert_lynx
+
+    folder = convert_lynx(args.ckpt, args.out, configs=args.config, name=args.name)
+    return _done(folder, args.name, args.register)
+
+
+def variants_main(argv: list[str]) -> None:
+    """``variants``: the released and locally registered variants, and where their weights are."""
+    _parser("variants", "List the released and locally registered variants and where their weights are.").parse_args(
+        argv
+    )
+    from lynx_zoo.hub.variants import list_variants
+
+    for row in list_variants():
+        print(f"{row.id:<42} {'present' if row.available else 'absent ':<8} {row.location}")
+
+
+def cards_main(argv: list[str]) -> int:
+    """``cards``: generate (or check) the model cards of the released variants from their configs."""
+    parser = _parser("cards", "Generate model_cards/<variant>.md from the configs (or check them).")
+    parser.add_argument("--out", type=Path, default=shipped("model_cards"), help="default: the shipped model_cards/")
+    parser.add_argument("--check", action="store_true", help="write nothing; fail if a card is missing or stale")
+    parser.add_argument("ids", nargs="*", help="only these variants (default: all)")
+    args = parser.parse_args(argv)
+    from lynx_zoo.hub.cards import stale_cards, write_cards
+
+    if args.check:
+        stale = stale_cards(args.out)
+        if stale:
+            sys.exit(f"lynx_zoo cards: stale or missing model cards: {stale}; run python -m lynx_zoo cards")
+        return 0
+    for path in write_cards(args.out, args.ids or None):
+        print(path)
+    return 0
+
+
+def configs_main(argv: list[str]) -> None:
+    """``configs``: the configs shipped with the package, as ``--config`` takes them."""
+    _parser("configs", "List the shipped configs (use them as --config zoo:NAME).").parse_args(argv)
+    print("\n".join(shipped_configs()))
 
 
 def _done(folder: Path, name: str | None, register: bool) -> Path:

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from lynx_zoo.evaluation.runner import resolve_model_class
-from lynx_zoo.hub.cards import build_on_meta, resolved_config
-from lynx_zoo.hub.export import base_prefixes, variant_keys, write_variant
+from lynx_zoo.hub.config import ModelConfig
+from lynx_zoo.hub.export import write_variant
+from lynx_zoo.hub.weights import base_prefixes, variant_keys
 from lynx_zoo.resources import config_path
 from lynx_zoo.vision.checkpoint import LYNX_TOWER_PREFIX, fuse_split_qkv
 
@@ -140,22 +140,18 @@ def convert_lynx(
     """
     checkpoint = Path(checkpoint)
     paths = [config_path(c) for c in (configs or [DEFAULT_CONFIG])]
-    config = resolved_config(paths)
-    cls = resolve_model_class(config["model"]["class_path"])
-    init_args: dict[str, Any] = {k: v for k, v in config["model"]["init_args"].items() if k != "init_from"}
-    init_args = _jsonable(init_args)
+    config, _ = ModelConfig.from_files(paths)  # a model-only config is enough: nothing else is read
     original = read_original(checkpoint)
     tower_in_checkpoint = any(k.startswith(LYNX_TOWER_PREFIX) for k in original)
-    vision_base: dict[str, Any] = {"timm_model": init_args["vision"]["model_name"]}
+    vision_base: dict[str, Any] = {"timm_model": config.vision.model_name}
     if tower_in_checkpoint:  # the variant stores the release's tower: no vision base to load
-        init_args["vision"].update(pretrained=False, checkpoint_path=None)
+        config = config.replace(vision={"pretrained": False, "checkpoint_path": None})
         vision_base["weights"] = f"{checkpoint.name}: {LYNX_TOWER_PREFIX}* (stored in the variant)"
-    model = build_on_meta(cls, init_args)
+    model = config.build_on_meta()
     # what the variant stores follows the config it stands for (pretrained bases), not the meta build
-    wanted = variant_keys(model, bases=base_prefixes(init_args["vision"], init_args["llm"]))
-    own = model.state_dict()
-    converted, base_keys = convert_state(original, own, wanted, checkpoint)
-    bases = {"vision": vision_base, "llm": {"model": init_args["llm"]["model"]}}
+    wanted = variant_keys(model, bases=base_prefixes(config.vision, config.llm))
+    converted, base_keys = convert_state(original, model.state_dict(), wanted, checkpoint)
+    bases = {"vision": vision_base, "llm": {"model": config.llm.model}}
     extra = {
         "conversion": {
             "from": "bytedance/lynx-llm",
@@ -165,12 +161,4 @@ def convert_lynx(
             "base_keys_not_copied": len(base_keys),
         }
     }
-    return write_variant(out, model, init_args, converted, name=name, bases=bases, source=str(checkpoint), extra=extra)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
+    return write_variant(out, model, config, converted, name=name, bases=bases, source=str(checkpoint), extra=extra)

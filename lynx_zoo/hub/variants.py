@@ -1,5 +1,5 @@
-"""The released variants (the ``lynx_zoo.variants`` table), a local registry of exported ones, and
-:func:`load_pretrained`.
+"""The released variants (the ``lynx_zoo.variants`` table), a local registry of exported ones, and where a
+variant name's folder is (:func:`resolve_variant`; :func:`lynx_zoo.load_model` loads it).
 
 Where a variant's weights live: a local folder (``$LYNX_ZOO_VARIANTS/<id>``, default
 ``~/.cache/lynx_zoo/variants/<id>``, or wherever a local registration points), else an HF hub repository
@@ -13,12 +13,8 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from lynx_zoo.fusion.base import LynxModel
-from lynx_zoo.hub.export import CONFIG_FILE
+from lynx_zoo.hub.config import CONFIG_FILE
 from lynx_zoo.resources import shipped
 
 REGISTRY_FILE = "registry.json"
@@ -55,7 +51,7 @@ class VariantInfo:
     """One released variant.
 
     Args:
-        id: the name ``load_pretrained`` takes.
+        id: the name ``load_model`` takes.
         configs: its config files under the shipped ``configs/`` (the repository's), base first (overlays after).
         description: one line.
         hf_repo: the HF hub repository holding its weights, if published.
@@ -280,6 +276,8 @@ def resolve_variant(name_or_dir: str | Path) -> Path:
     path = Path(text).expanduser()
     if path.is_dir():
         return path
+    if len(path.parts) > 1 or path.suffix in (".ckpt", ".pt", ".pth"):  # a path, not a name
+        raise FileNotFoundError(f"not found: {path} (no checkpoint file or variant folder there)")
     registry = local_registry()
     if text in registry:
         if not (registry[text] / CONFIG_FILE).is_file():
@@ -302,33 +300,3 @@ def resolve_variant(name_or_dir: str | Path) -> Path:
         f"{text!r} is no variant folder and no known variant: {hint}known: {', '.join(known)} "
         "(or hf://org/repo for a variant on the HF hub)"
     )
-
-
-def load_pretrained(
-    name_or_dir: str | Path,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | str | None = None,
-    expected: type[LynxModel] | None = None,
-    trust_remote_code: bool = False,
-    overrides: dict[str, dict[str, Any]] | None = None,
-) -> LynxModel:
-    """A pretrained variant, ready for :meth:`LynxModel.generate` (eval mode).
-
-    Rebuilds the model from the variant's ``config.json`` (bases loaded by id/path and pinned revision),
-    verifies the sha256 of ``model.safetensors`` recorded at export, then loads it. Pickle files are never
-    read, so loading a variant runs no code from it.
-
-    Args:
-        name_or_dir: a variant folder, a name from ``lynx_zoo.list_variants()``, or ``hf://org/repo[@revision]``.
-        device: where the model goes.
-        dtype: the LLM's weight dtype (e.g. ``torch.bfloat16``); default: as exported. The vision tower,
-            bridge, adapters and fusion blocks keep fp32.
-        expected: the model class the caller needs (e.g. ``PrefixLynx``): another fusion is an error.
-        trust_remote_code: allow a hub base LLM to run its own code (off unless you turn it on).
-        overrides: per-section config changes, e.g. ``{"llm": {"model": "/models/vicuna-7b"}}`` for a local
-            copy of a base.
-    """
-    from lynx_zoo.hub.loading import load_variant_folder
-
-    folder = resolve_variant(name_or_dir)
-    return load_variant_folder(folder, device, dtype, expected, trust_remote_code, overrides)

@@ -1,8 +1,8 @@
 """The LLM backbone and its tokenizer."""
 
+from lynx_zoo.llm.bases import BASE_LLMS, BaseLLM, base_llm
 from lynx_zoo.llm.causal_lm import (
     BUILTIN_TOKENIZERS,
-    KNOWN_ARCHITECTURES,
     LLMConfig,
     build_llm,
     load_tokenizer,
@@ -11,7 +11,9 @@ from lynx_zoo.llm.causal_lm import (
 
 __all__ = [
     "BUILTIN_TOKENIZERS",
-    "KNOWN_ARCHITECTURES",
+    "BASE_LLMS",
+    "BaseLLM",
+    "base_llm",
     "LLMConfig",
     "build_llm",
     "load_tokenizer",

@@ -15,39 +15,9 @@ import torch
 from safetensors.torch import save_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-PAD_TOKEN = "[PAD]"
+from lynx_zoo.llm.bases import base_llm
 
-# Architectures of well-known base LLMs, so that a variant can be built with random weights (speed and
-# memory runs, parameter counts on the meta device) where the hub cannot be reached.
-LLAMA_7B: dict[str, Any] = dict(
-    model_type="llama",
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    vocab_size=32000,
-    max_position_embeddings=2048,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-)
-KNOWN_ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "lmsys/vicuna-7b-v1.1": LLAMA_7B,  # Vicuna v1.1 is a LLaMA-7B fine-tune: same shapes
-    "huggyllama/llama-7b": LLAMA_7B,
-    "HuggingFaceTB/SmolLM2-135M-Instruct": dict(
-        model_type="llama",
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        vocab_size=49152,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
-        rope_theta=100000.0,
-        tie_word_embeddings=True,
-    ),
-}
+PAD_TOKEN = "[PAD]"
 
 TokenizerBuilder = Callable[[], PreTrainedTokenizerBase]
 BUILTIN_TOKENIZERS: dict[str, TokenizerBuilder] = {}
@@ -104,7 +74,7 @@ def load_tokenizer(config: LLMConfig) -> PreTrainedTokenizerBase:
     if name in BUILTIN_TOKENIZERS:
         tokenizer = BUILTIN_TOKENIZERS[name]()
     elif config.gguf_file and config.tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(_gguf_cache(config))
+        tokenizer = AutoTokenizer.from_pretrained(gguf_folder(config))
     else:
         tokenizer = AutoTokenizer.from_pretrained(
             name, revision=config.revision, trust_remote_code=config.trust_remote_code
@@ -125,7 +95,7 @@ def build_llm(config: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
     if config.pretrained:
         if config.model is None:
             raise ValueError("llm.model: a pretrained LLM needs a hub id or a local folder")
-        source = _gguf_cache(config) if config.gguf_file else config.model
+        source = gguf_folder(config) if config.gguf_file else config.model
         llm = AutoModelForCausalLM.from_pretrained(
             source,
             revision=None if config.gguf_file else config.revision,
@@ -157,8 +127,9 @@ def _architecture(config: LLMConfig, vocab_size: int) -> Any:
         if model_type is None:
             raise ValueError("llm.config: an HF config dict needs a `model_type` (e.g. llama)")
         return AutoConfig.for_model(model_type, **overrides)
-    if config.model in KNOWN_ARCHITECTURES:
-        overrides = dict(KNOWN_ARCHITECTURES[config.model])
+    known = base_llm(config.model)
+    if known is not None:
+        overrides = dict(known.architecture)
         return AutoConfig.for_model(overrides.pop("model_type"), **overrides)
     if config.model is None:
         raise ValueError("llm: give `model` or `config` to build an LLM")
@@ -192,7 +163,7 @@ def resolve_model_path(model: str) -> Path:
     return Path(spec.origin).parent
 
 
-def _gguf_cache(config: LLMConfig) -> str:
+def gguf_folder(config: LLMConfig) -> str:
     """Dequantise a GGUF model once and keep it as a transformers folder (model + tokenizer)."""
     assert config.gguf_file is not None
     gguf = Path(config.gguf_file)
