@@ -7,6 +7,7 @@ import importlib.util
 import shutil
 from pathlib import Path
 
+import lightning
 import pytest
 import torch
 
@@ -47,6 +48,19 @@ def tiny_configs(**overrides) -> dict:
             value = dataclasses.replace(configs[key], **value)
         configs[key] = value
     return configs
+
+
+def tiny_checkpoint(path: Path, seed: int, class_path: str | None) -> Path:
+    """A tiny random PT model saved as Lightning does (``class_path``: what LightningCLI records)."""
+    torch.manual_seed(seed)
+    model = PrefixLynx(**tiny_configs(eval_generation={"max_new_tokens": 3}))
+    with torch.no_grad():  # special tokens never win: the random model always answers with words
+        model.llm.get_output_embeddings().weight[model.tokenizer.all_special_ids] = 0
+    hparams = dict(model.hparams) | ({"_class_path": class_path} if class_path else {})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": hparams}
+    torch.save({**checkpoint, "pytorch-lightning_version": lightning.__version__}, path)
+    return path
 
 
 @pytest.fixture

@@ -7,7 +7,10 @@ tiny PT and a tiny CA model these ways, each from the same initial weights and d
   also the local share of the parameters and of the optimizer state, and which parameters got gradients;
 * ``stop``: the same run stopped after step 2 and saved as a sharded checkpoint;
 * ``resumed``: a fresh process state resumed from that checkpoint up to step 4;
-* ``ckpt``: the ``full`` run with activation checkpointing of the decoder layers.
+* ``ckpt``: the ``full`` run with activation checkpointing of the decoder layers;
+* ``unreadable`` / ``unreadable_ddp`` (PT, FSDP2 / DDP): rank 1's first batch has no sample left.
+
+The ``full`` run also exports its variant (``ExportVariant``, gathered from the shards) to ``full-variant/``.
 
 ``fit(fusion, 1, ...)`` is the reference: the whole global batch in one process, no FSDP.
 Results go to ``OUT/<fusion>/<run>.pt`` (written by rank 0).
@@ -23,13 +26,14 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import tiny_configs  # noqa: E402
 
 from lynx_zoo import CrossAttnConfig, CrossAttnLynx, PrefixLynx  # noqa: E402
 from lynx_zoo.data.processor import IGNORE_INDEX  # noqa: E402
+from lynx_zoo.hub import ExportVariant  # noqa: E402
 from lynx_zoo.training.distributed import LynxFSDP2Strategy, local_parameter_count  # noqa: E402
 
 GLOBAL_BATCH, NUM_SAMPLES, TEXT_LEN, PAD, STEPS, STOP_AT = 8, 16, 12, 3, 4, 2
@@ -57,16 +61,31 @@ class FixedLengthSet(Dataset):
 
 class FixedLengthData(L.LightningDataModule):
     """Shuffled by epoch with one permutation for any world size: rank ``r`` of ``w`` reads every ``w``-th
-    sample of it, so ``w`` ranks with batch ``8 / w`` see the single process's batches of 8."""
+    sample of it, so ``w`` ranks with batch ``8 / w`` see the single process's batches of 8. With
+    ``unreadable_on_rank``, that rank's first batch lost every sample (as when all its images are corrupt)."""
 
-    def __init__(self, data: Dataset) -> None:
+    def __init__(self, data: Dataset, unreadable_on_rank: int | None = None) -> None:
         super().__init__()
         self.data = data
+        self.unreadable_on_rank = unreadable_on_rank
 
     def train_dataloader(self) -> DataLoader:
         world, rank = self.trainer.world_size, self.trainer.global_rank
         sampler = DistributedSampler(self.data, num_replicas=world, rank=rank, shuffle=True, seed=0)
-        return DataLoader(self.data, batch_size=GLOBAL_BATCH // world, sampler=sampler)
+        collate = EmptyFirstBatch() if rank == self.unreadable_on_rank else None
+        return DataLoader(self.data, batch_size=GLOBAL_BATCH // world, sampler=sampler, collate_fn=collate)
+
+
+class EmptyFirstBatch:
+    """Collates as usual, but the first batch comes out with no sample left."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        batch = default_collate(samples)
+        self.calls += 1
+        return {k: v[:0] for k, v in batch.items()} if self.calls == 1 else batch
 
 
 def build(fusion: str) -> L.LightningModule:
@@ -110,20 +129,35 @@ class Recorder(L.Callback):
             trainer.should_stop = True
 
 
-def fit(fusion: str, devices: int, out: Path, name: str, ckpt_in: Path | None = None, **strategy: Any) -> None:
+def fit(
+    fusion: str,
+    devices: int,
+    out: Path,
+    name: str,
+    ckpt_in: Path | None = None,
+    ddp: bool = False,
+    unreadable_on_rank: int | None = None,
+    **strategy: Any,
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model = build(fusion)
     stop_at = STOP_AT if name == "stop" else None
     recorder = Recorder(stop_at)
     # the stopped run checkpoints as a real run does, at the end of its epoch (STOP_AT = one epoch)
     saver = ModelCheckpoint(dirpath=out, filename="stop", save_on_train_epoch_end=True) if stop_at else None
+    # the full run exports its variant as ExportVariant does in the configs: gathered from the shards
+    exporter = ExportVariant(name=f"{fusion}-{name}", out=str(out / f"{name}-variant")) if name == "full" else None
+    if devices == 1:
+        strategy_used: Any = "auto"
+    else:
+        strategy_used = "ddp" if ddp else LynxFSDP2Strategy(param_dtype=None, **strategy)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
-        strategy=LynxFSDP2Strategy(param_dtype=None, **strategy) if devices > 1 else "auto",
+        strategy=strategy_used,
         max_epochs=STEPS // STOP_AT,  # epoch-based: Lightning resumes an epoch-end checkpoint at the next epoch
         gradient_clip_val=1.0,
-        callbacks=[recorder] + ([saver] if saver else []),
+        callbacks=[recorder] + [c for c in (saver, exporter) if c is not None],
         logger=False,
         enable_checkpointing=saver is not None,
         enable_progress_bar=False,
@@ -133,10 +167,10 @@ def fit(fusion: str, devices: int, out: Path, name: str, ckpt_in: Path | None = 
         default_root_dir=out,
         use_distributed_sampler=False,
     )
-    data = FixedLengthData(FixedLengthSet(len(model.tokenizer), model.vision_config.image_size))
+    data = FixedLengthData(FixedLengthSet(len(model.tokenizer), model.vision_config.image_size), unreadable_on_rank)
     trainer.fit(model, data, ckpt_path=ckpt_in)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(model, options=options) if devices > 1 else model.state_dict()
+    state = get_model_state_dict(model, options=options) if devices > 1 and not ddp else model.state_dict()
     if trainer.global_rank == 0:
         result = {"losses": recorder.losses, "state": state, "facts": recorder.facts, "step": trainer.global_step}
         torch.save(result, out / f"{name}.pt")
@@ -151,6 +185,9 @@ def main() -> None:
         fit(fusion, 2, run, "resumed", ckpt_in=run / "stop.ckpt")
         # adapters (and cross-attention blocks, FSDP units of their own) inside the checkpointed layers
         fit(fusion, 2, run, "ckpt", activation_checkpointing=True)
+    # a rank whose batch lost every sample still takes part in the collectives (else the other rank waits forever)
+    fit("pt", 2, out / "pt", "unreadable", unreadable_on_rank=1)
+    fit("pt", 2, out / "pt", "unreadable_ddp", ddp=True, unreadable_on_rank=1)
 
 
 if __name__ == "__main__":

@@ -36,9 +36,9 @@ FUSIONS = {"pt": PrefixLynx, "ca": CrossAttnLynx}
 def runs(tmp_path_factory) -> Path:
     """The worker's runs on 2 processes, and the 1-process references (in this process)."""
     out = tmp_path_factory.mktemp("fsdp")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "LYNX_ZOO_VARIANTS": str(out / "registry")}
     result = subprocess.run(
-        [sys.executable, str(TESTS / "fsdp_worker.py"), str(out)], env=env, capture_output=True, text=True, timeout=400
+        [sys.executable, str(TESTS / "fsdp_worker.py"), str(out)], env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     for fusion in FUSIONS:
@@ -216,3 +216,34 @@ def test_sharded_folders_are_swapped_in_whole(tmp_path):
     path.rename(tmp_path / ".last.ckpt.old")
     assert (surviving_checkpoint(path) / "shard").read_text() == "2"
     assert surviving_checkpoint(tmp_path / "other.ckpt") == tmp_path / "other.ckpt"
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_a_variant_exported_from_fsdp2_loads_in_a_fresh_process_with_the_single_process_logits(runs, fusion):
+    """ExportVariant gathers the shards: the variant equals the trained model, in a process that never saw FSDP."""
+    reference = FUSIONS[fusion](**fsdp_worker.build(fusion).hparams)
+    reference.load_state_dict(load(runs, fusion, "full")["state"])
+    torch.manual_seed(5)
+    ids = torch.randint(4, 30, (2, 7))
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), images=torch.randn(2, 3, 32, 32))
+    torch.save(inputs, runs / fusion / "inputs.pt")
+    code = (
+        "import sys, torch, lynx_zoo\n"
+        f"model = lynx_zoo.load_model({str(runs / fusion / 'full-variant')!r})\n"
+        f"inputs = torch.load({str(runs / fusion / 'inputs.pt')!r})\n"
+        f"torch.save(model(**inputs).logits.detach(), {str(runs / fusion / 'variant-logits.pt')!r})"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with torch.no_grad():
+        expected = reference.eval()(**inputs).logits
+    assert torch.equal(torch.load(runs / fusion / "variant-logits.pt"), expected)
+
+
+@pytest.mark.parametrize("run", ["unreadable", "unreadable_ddp"])
+def test_a_rank_with_an_all_unreadable_batch_still_takes_part_and_the_run_finishes(runs, run):
+    result = load(runs, "pt", run)
+    assert result["step"] == fsdp_worker.STEPS  # no hang: the worker's 600 s timeout would have failed the fixture
+    initial = fsdp_worker.build("pt").state_dict()
+    assert all(torch.isfinite(v).all() for v in result["state"].values())
+    assert any(not torch.equal(initial[k], v) for k, v in result["state"].items())

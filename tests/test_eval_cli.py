@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning
 import pytest
-import torch
+from conftest import tiny_checkpoint
 from eval_fixtures import SECRET, ChatServer, write_mme_fixture
 from PIL import Image
 
@@ -19,21 +18,6 @@ from lynx_zoo.data.shapes import write_shapes_vqa
 from lynx_zoo.evaluation.runner import Variant, parse_benchmark, parse_variant
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_checkpoint(path: Path, seed: int, class_path: str | None) -> Path:
-    """A tiny random PT model saved as Lightning does (``class_path``: what LightningCLI records)."""
-    from conftest import tiny_configs
-
-    torch.manual_seed(seed)
-    model = PrefixLynx(**tiny_configs(eval_generation={"max_new_tokens": 3}))
-    with torch.no_grad():  # special tokens never win: the random model always answers with words
-        model.llm.get_output_embeddings().weight[model.tokenizer.all_special_ids] = 0
-    hparams = dict(model.hparams) | ({"_class_path": class_path} if class_path else {})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": hparams}
-    torch.save({**checkpoint, "pytorch-lightning_version": lightning.__version__}, path)
-    return path
 
 
 @pytest.fixture(scope="module")

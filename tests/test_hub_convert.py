@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+import yaml
 from hub_fixtures import fixed_inputs, make_model, to_original_layout, write_bases
 
+from lynx_zoo import OptimizerConfig, PromptConfig
 from lynx_zoo.cli import main
 from lynx_zoo.hub import load_pretrained
 from lynx_zoo.hub.convert_lynx import convert_lynx
@@ -116,3 +118,19 @@ def test_the_checkpoint_is_read_weights_only(tmp_path, setup):
     with pytest.raises(pickle.UnpicklingError):
         convert_lynx(tmp_path / "evil.pt", tmp_path / "out", configs=setup["configs"])
     assert not marker.exists()
+
+
+def test_a_model_only_config_converts(setup, tmp_path):
+    """A config with a `model:` section alone (no trainer, no data): every omitted section takes its default."""
+    tiny = yaml.safe_load((REPO / "configs/tiny.yaml").read_text())["model"]
+    tiny["init_args"].pop("optimizer")  # omitted sections: defaults
+    tiny["init_args"].pop("prompt")
+    model_only = tmp_path / "model_only.yaml"
+    model_only.write_text(yaml.safe_dump({"model": tiny}))
+    out = tmp_path / "converted"
+    main(["convert-lynx", "--ckpt", str(setup["checkpoint"]), "--out", str(out)] + [
+        arg for c in (model_only, setup["configs"][1]) for arg in ("--config", str(c))
+    ])  # fmt: skip
+    loaded = load_pretrained(out)
+    assert loaded.optimizer_config.lr == OptimizerConfig().lr and loaded.processor.prompt == PromptConfig()
+    assert "## Training data and schedule" in (out / "README.md").read_text()

@@ -316,8 +316,8 @@ class LynxModel(L.LightningModule):
             if not distributed:
                 return None  # nothing to learn from, and no other process waits for this one
             # this rank must still take part in the collectives the others run (DDP's all-reduce, FSDP's
-            # all-gathers and reduce-scatters): the forward of a placeholder sample, weighted 0
-            loss = self(**self.placeholder_batch()).logits.float().sum() * 0.0
+            # all-gathers and reduce-scatters, in the same order): a placeholder sample's loss, weighted 0
+            loss = self(**self.placeholder_batch()).loss * 0.0
         else:
             loss = self(batch["input_ids"], batch["attention_mask"], batch.get("images"), batch["labels"]).loss
             self.log("train/loss", loss, prog_bar=True, batch_size=size)
@@ -326,13 +326,16 @@ class LynxModel(L.LightningModule):
         return loss
 
     def placeholder_batch(self) -> dict[str, torch.Tensor]:
-        """One sample that runs every part of the model: a blank image and one beginning-of-text token."""
-        token = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.pad_token_id
+        """One sample that runs every part of the model as a training batch does: a blank image and two tokens, the
+        second a target."""
+        first = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.pad_token_id
+        ids = torch.tensor([[first, self.tokenizer.eos_token_id]], device=self.device)
         size = self.vision_config.image_size
         return {
-            "input_ids": torch.tensor([[token]], device=self.device),
-            "attention_mask": torch.ones(1, 1, dtype=torch.long, device=self.device),
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
             "images": torch.zeros(1, 3, size, size, device=self.device),
+            "labels": torch.tensor([[IGNORE_INDEX, self.tokenizer.eos_token_id]], device=self.device),
         }
 
     def configure_callbacks(self) -> list[L.Callback]:

@@ -48,6 +48,18 @@ def register_model(cls: M) -> M:
     return cls
 
 
+def registered_class_of(model: LynxModel) -> type[LynxModel]:
+    """The registered class of ``model``: its own, or the one it derives from when a wrapper swapped its class
+    (FSDP2's ``fully_shard`` makes it an ``FSDP<Class>``)."""
+    registered = set(_MODELS.values())
+    for cls in type(model).__mro__:
+        if cls in registered:
+            return cls
+    raise UnknownModelClassError(
+        f"{type(model).__name__} is not registered: register it with lynx_zoo.register_model to export or load it"
+    )
+
+
 def registered_models() -> dict[str, type[LynxModel]]:
     """Every registered model class by its short name (entry points included)."""
     _load_entry_points()

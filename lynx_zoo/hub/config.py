@@ -33,7 +33,7 @@ from lynx_zoo.adapters import AdapterConfig
 from lynx_zoo.bridge import BridgeConfig
 from lynx_zoo.data.processor import PromptConfig
 from lynx_zoo.fusion.base import LynxModel
-from lynx_zoo.fusion.registry import class_path, model_class
+from lynx_zoo.fusion.registry import class_path, model_class, registered_class_of
 from lynx_zoo.llm import LLMConfig, base_llm
 from lynx_zoo.llm.causal_lm import gguf_folder
 from lynx_zoo.training.optim import OptimizerConfig
@@ -111,7 +111,8 @@ class ModelConfig:
     @classmethod
     def from_model(cls, model: LynxModel) -> ModelConfig:
         """The configuration a model was built with (its hyper-parameters)."""
-        return cls.of(type(model), {k: v for k, v in model.hparams.items() if not k.startswith("_")})
+        hparams = {k: v for k, v in model.hparams.items() if not k.startswith("_")}
+        return cls.of(registered_class_of(model), hparams)
 
     @classmethod
     def from_files(cls, paths: Sequence[str | Path]) -> tuple[ModelConfig, dict[str, Any]]:
