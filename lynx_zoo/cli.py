@@ -88,10 +88,15 @@ def main(args: list[str] | None = None) -> Any:
 
     ``evaluate`` and ``report`` are the evaluation commands (:mod:`lynx_zoo.evaluation.cli`); ``export``,
     ``chat``, ``variants``, ``cards``, ``convert-lynx`` and ``predict --image/--video`` (a question about a file)
-    are the variant commands (:mod:`lynx_zoo.hub.cli`); everything else goes to LightningCLI (``fit``,
+    are the variant commands (:mod:`lynx_zoo.hub.cli`); ``data prepare`` writes prepared data sets
+    (:mod:`lynx_zoo.data.prepare`); everything else goes to LightningCLI (``fit``,
     ``validate``, ``test``, ``predict`` with a DataModule).
     """
     argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] == "data":
+        from lynx_zoo.data.prepare import main as data_main
+
+        sys.exit(data_main(argv[1:]))
     if argv and argv[0] in EVALUATION_COMMANDS:
         from lynx_zoo.evaluation.cli import run_command
 
