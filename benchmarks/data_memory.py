@@ -4,8 +4,8 @@ For each size N (default 10^5, 10^6, 10^7) the benchmark builds a synthetic data
 pairs (an 8x8 PNG and a short caption; built once, kept under ``--root`` and rebuilt when missing), then starts a
 fresh process that plays a training rank: ``MixtureDataModule`` over the one source, 2 dataloader workers,
 batches of 8, the default epoch (N / 8 batches). It reports the time from ``setup`` to the first batch and, after
-50 more batches, the resident memory (RSS, and USS: the pages no other process shares) of the rank and of each
-worker. Two readers are compared:
+50 more batches, the resident memory of the rank and of each worker: RSS, and PSS (pages shared with other
+processes split between them). Two readers are compared:
 
 * ``prepared``: a prepared (LitData) data set read by ``PreparedSource`` (what ``data prepare`` writes);
 * ``tar``: WebDataset tar shards read by ``ShardSource`` (the baseline: an index entry per sample), with its header
@@ -108,7 +108,7 @@ def measure(reader: str, path: str, batches: int) -> dict:
 
     def megabytes(process: psutil.Process) -> dict:
         info = process.memory_full_info()
-        return {"rss_mb": round(info.rss / 2**20, 1), "uss_mb": round(info.uss / 2**20, 1)}
+        return {"rss_mb": round(info.rss / 2**20, 1), "pss_mb": round(info.pss / 2**20, 1)}
 
     return {"startup_s": round(startup, 2), "rank": megabytes(rank), "workers": [megabytes(w) for w in workers]}
 
@@ -143,10 +143,10 @@ def main() -> None:
             row = {"reader": reader, "samples": size, **result, "build_s": round(build_s, 1)}
             rows.append(row)
             worker_rss = max(w["rss_mb"] for w in row["workers"])
-            worker_uss = max(w["uss_mb"] for w in row["workers"])
+            worker_pss = max(w["pss_mb"] for w in row["workers"])
             print(f"{reader:8s} {size:>10d} samples: start-up {row['startup_s']:6.2f} s, rank RSS "
-                  f"{row['rank']['rss_mb']:7.1f} MB (USS {row['rank']['uss_mb']:7.1f}), worker RSS {worker_rss:7.1f} "
-                  f"MB (USS {worker_uss:7.1f})", flush=True)  # fmt: skip
+                  f"{row['rank']['rss_mb']:7.1f} MB (PSS {row['rank']['pss_mb']:7.1f}), worker RSS {worker_rss:7.1f} "
+                  f"MB (PSS {worker_pss:7.1f})", flush=True)  # fmt: skip
     result = {
         "command": "python " + " ".join(sys.argv),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "

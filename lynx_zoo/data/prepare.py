@@ -26,9 +26,10 @@ import sys
 import tarfile
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from PIL import Image
 
@@ -38,7 +39,6 @@ from lynx_zoo.data.sources import (
     IMAGE_EXTENSIONS,
     ConversationSource,
     ImageTextSource,
-    LoadContext,
     TextSource,
     VideoQASource,
     conversation_pairs,
@@ -53,6 +53,8 @@ KINDS = ("image_text", "video_qa", "text", "conversation", "shards")
 REQUIRED = {"image_text": ImageTextSource.required, "video_qa": VideoQASource.required, "text": TextSource.required}
 MEDIA_FIELD = {"image_text": "image", "video_qa": "video"}
 EXAMPLES_PER_REASON = 5
+
+SkipLog = Callable[[str, str], None]  # (reason, detail) of a skipped record
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,12 @@ class RecordBlock:
 class SampleWriter:
     """What each worker process runs on a work unit: yields the stored items, logs each skip to ``skips_dir``."""
 
-    def __init__(self, kind: str, root: str, skips_dir: str, num_frames: int) -> None:
-        self.kind, self.root, self.skips_dir, self.num_frames = kind, Path(root), skips_dir, num_frames
+    def __init__(self, kind: str, root: str | None, skips_dir: str, num_frames: int) -> None:
+        self.kind, self.root, self.skips_dir, self.num_frames = kind, root, skips_dir, num_frames
+
+    def _media_root(self, manifest: str) -> Path:
+        """Media paths are relative to ``--root``, or else to their manifest's folder."""
+        return Path(self.root) if self.root else Path(manifest).parent
 
     def __call__(self, unit: LineBlock | RecordBlock | str) -> Iterator[dict[str, Any]]:
         with open(os.path.join(self.skips_dir, f"{os.getpid()}.jsonl"), "a", encoding="utf-8") as skips:
@@ -94,7 +100,7 @@ class SampleWriter:
                 yield from self._lines(unit, skip)
 
     # ------------------------------------------------------------------ kinds
-    def _lines(self, block: LineBlock, skip: Any) -> Iterator[dict[str, Any]]:
+    def _lines(self, block: LineBlock, skip: SkipLog) -> Iterator[dict[str, Any]]:
         name = Path(block.manifest).name
         with open(block.manifest, "rb") as manifest:
             manifest.seek(block.offset)
@@ -113,26 +119,26 @@ class SampleWriter:
                     yield self._item(sample_id, b"", "", "", text)
                     continue
                 field = MEDIA_FIELD[self.kind]
-                path = self.root / record[field]
-                problem = self._media_problem(field, path)
-                if isinstance(problem, str):
-                    skip(f"unreadable_{field}", f"{block.manifest}:{number}: cannot read {path}: {problem}")
+                path = self._media_root(block.manifest) / record[field]
+                media = self._checked_media(field, path)
+                if isinstance(media, str):
+                    skip(f"unreadable_{field}", f"{block.manifest}:{number}: cannot read {path}: {media}")
                     continue
-                yield self._item(sample_id, problem, field, path.suffix.lstrip(".").lower(), text)
+                yield self._item(sample_id, media, field, path.suffix.lstrip(".").lower(), text)
 
-    def _conversations(self, block: RecordBlock, skip: Any) -> Iterator[dict[str, Any]]:
+    def _conversations(self, block: RecordBlock, skip: SkipLog) -> Iterator[dict[str, Any]]:
         for number, record in block.records:
-            path = self.root / record["image"]
-            data = self._media_problem("image", path)
-            if isinstance(data, str):
-                skip("unreadable_image", f"{block.manifest}: record {number}: cannot read image {path}: {data}")
+            path = self._media_root(block.manifest) / record["image"]
+            media = self._checked_media("image", path)
+            if isinstance(media, str):
+                skip("unreadable_image", f"{block.manifest}: record {number}: cannot read image {path}: {media}")
                 continue
             pairs = conversation_pairs(record["conversations"])
             text = {"question": pairs[-1][0], "answer": pairs[-1][1], "history": pairs[:-1], "template": False}
             sample_id = str(record.get("id", f"{Path(block.manifest).name}:{number}"))
-            yield self._item(sample_id, data, "image", path.suffix.lstrip(".").lower(), text)
+            yield self._item(sample_id, media, "image", path.suffix.lstrip(".").lower(), text)
 
-    def _shard(self, path: Path, skip: Any) -> Iterator[dict[str, Any]]:
+    def _shard(self, path: Path, skip: SkipLog) -> Iterator[dict[str, Any]]:
         key, members = None, {}
         try:
             with tarfile.open(path, mode="r|") as tar:  # streamed: members in the order they were written
@@ -151,7 +157,9 @@ class SampleWriter:
             return
         yield from self._shard_sample(path, key, members, skip)
 
-    def _shard_sample(self, path: Path, key: str | None, members: dict[str, bytes], skip: Any) -> Iterator[dict]:
+    def _shard_sample(
+        self, path: Path, key: str | None, members: dict[str, bytes], skip: SkipLog
+    ) -> Iterator[dict[str, Any]]:
         if key is None:
             return
         where = f"{path}:{key}"
@@ -175,7 +183,7 @@ class SampleWriter:
         yield self._item(key, members[image_ext], "image", image_ext, {"question": question, "answer": answer})
 
     # ------------------------------------------------------------------ helpers
-    def _media_problem(self, field: str, path: Path) -> bytes | str:
+    def _checked_media(self, field: str, path: Path) -> bytes | str:
         """The file's bytes once decoded and checked, or what is wrong with it."""
         try:
             data = path.read_bytes()
@@ -237,12 +245,12 @@ def work_units(kind: str, inputs: list[str], lines_per_block: int, skipped: Coun
         if not manifest.is_file():
             raise FileNotFoundError(f"{kind} manifest not found: {manifest}")
         if kind == "conversation":
-            source = ConversationSource(str(manifest))
-            source.prepare(LoadContext(transform=lambda image: image))
-            skipped.update(source.skipped_lines)
-            for reason in source.skipped_lines:
-                examples.setdefault(reason, []).append(f"{manifest}: see the warnings above")
-            numbered = list(enumerate(source.records, 1))
+            numbered, counts, messages = ConversationSource.read(manifest)
+            skipped.update(counts)
+            for reason, message in messages:
+                shown = examples.setdefault(reason, [])
+                if len(shown) < EXAMPLES_PER_REASON:
+                    shown.append(message)
             units += [
                 RecordBlock(str(manifest), tuple(numbered[i : i + lines_per_block]))
                 for i in range(0, len(numbered), lines_per_block)
@@ -298,10 +306,9 @@ def prepare(
     skipped: Counter = Counter()
     examples: dict[str, list[str]] = {}
     units = work_units(kind, inputs, lines_per_block, skipped, examples)
-    base = root or (str(Path(inputs[0]).parent) if kind != "shards" else ".")
     workers = max(1, min(workers or os.cpu_count() or 1, len(units)))
     optimize(
-        fn=SampleWriter(kind, base, str(skips_dir), num_frames),
+        fn=SampleWriter(kind, root, str(skips_dir), num_frames),
         inputs=units,
         output_dir=str(data_dir),
         num_workers=workers,
@@ -325,7 +332,7 @@ def prepare(
         "bytes": sum(chunk["chunk_bytes"] for chunk in chunks),
         "skipped": dict(sorted(skipped.items())),
         "skipped_examples": examples,
-        "categories": _categories(kind, units, root=base),
+        "categories": _categories(kind, units),
         "seconds": round(time.time() - started, 1),
         "workers": workers,
     }
@@ -346,7 +353,7 @@ def _count_skips(skips_dir: Path, skipped: Counter, examples: dict[str, list[str
     return skipped
 
 
-def _categories(kind: str, units: list[Any], root: str) -> list[str]:
+def _categories(kind: str, units: list[Any]) -> list[str]:
     """The categories of a manifest's records (the held-out metrics are per category); ``[""]`` for none."""
     if kind not in REQUIRED:
         return [""]

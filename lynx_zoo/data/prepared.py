@@ -26,8 +26,12 @@ from typing import Any
 os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
 
 import torch  # noqa: E402
-from litdata import StreamingDataset  # noqa: E402
-from litdata.streaming.serializers import _SERIALIZERS, Serializer  # noqa: E402
+
+try:
+    from litdata import StreamingDataset
+    from litdata.streaming.serializers import _SERIALIZERS, Serializer
+except ImportError as err:  # an optional dependency: say which
+    raise ImportError(f"prepared data sets need LitData: pip install 'lynx-zoo[stream]' ({err})") from err
 
 from lynx_zoo.data.processor import Sample, Skipped  # noqa: E402
 from lynx_zoo.data.sources import DataError, Source  # noqa: E402

@@ -231,29 +231,41 @@ class ConversationSource(ManifestSource):
 
     def prepare(self, context: LoadContext) -> None:
         Source.prepare(self, context)  # not a JSONL manifest of flat records: read here
-        if self.records:
-            return
-        if not self.manifest.is_file():
-            raise FileNotFoundError(f"conversations not found: {self.manifest}")
-        text = self.manifest.read_text(encoding="utf-8-sig")
+        if not self.records:
+            numbered, self.skipped_lines, _ = self.read(self.manifest, context.strict)
+            self.records = [record for _, record in numbered]
+
+    @classmethod
+    def read(
+        cls, manifest: Path, strict: bool = False
+    ) -> tuple[list[tuple[int, dict]], Counter, list[tuple[str, str]]]:
+        """The numbered valid records of a conversations file, the skipped ones counted by reason, and
+        ``(reason, message)`` naming each skipped record (a wrong schema in record 1, or any problem when
+        ``strict``, raises)."""
+        if not manifest.is_file():
+            raise FileNotFoundError(f"conversations not found: {manifest}")
+        text = manifest.read_text(encoding="utf-8-sig")
         try:
             loaded = json.loads(text) if text.lstrip().startswith("[") else None
         except json.JSONDecodeError as err:
-            raise ManifestError(f"{self.manifest}: not valid JSON ({err.msg}, line {err.lineno})") from err
-        entries = list(enumerate(loaded, 1)) if loaded is not None else self._json_lines(text)
+            raise ManifestError(f"{manifest}: not valid JSON ({err.msg}, line {err.lineno})") from err
+        entries = list(enumerate(loaded, 1)) if loaded is not None else cls._json_lines(text)
+        numbered, skipped, messages = [], Counter(), []
         for number, record in entries:
-            problem = self._problem(record)
+            problem = cls._problem(record)
             if problem is None:
-                self.records.append(record)
+                numbered.append((number, record))
                 continue
             reason, detail = problem
-            message = f"{self.manifest}: record {number}: {detail}"
-            if context.strict or (number == 1 and reason != "empty_answer"):
+            message = f"{manifest}: record {number}: {detail}"
+            if strict or (number == 1 and reason != "empty_answer"):
                 raise ManifestError(
                     f"{message}; expected {{'image': str, 'conversations': [{{'from': 'human'|'gpt', 'value': str}}]}}"
                 )
-            self.skipped_lines[reason] += 1
+            skipped[reason] += 1
+            messages.append((reason, message))
             log.warning("skipping %s", message)
+        return numbered, skipped, messages
 
     @staticmethod
     def _json_lines(text: str) -> list[tuple[int, Any]]:
