@@ -34,13 +34,14 @@ except ImportError as err:  # an optional dependency: say which
     raise ImportError(f"prepared data sets need LitData: pip install 'lynx-zoo[stream]' ({err})") from err
 
 from lynx_zoo.data.processor import Sample, Skipped  # noqa: E402
-from lynx_zoo.data.sources import DataError, Source  # noqa: E402
+from lynx_zoo.data.sources import DataError, LoadContext, Source  # noqa: E402
 from lynx_zoo.data.video import read_video_frames  # noqa: E402
 
 REPORT_NAME = "prepare_report.json"
 INDEX_NAME = "index.json"
-# what prepare writes: {"id": str, "media": bytes, "record": str}
-STORED_FORMATS = ("str", "bytes", "str")
+# what prepare writes, in LitData's words
+STORED_TYPES = {"id": "str", "media": "bytes", "record": "str"}
+STORED_FORMATS = tuple(STORED_TYPES.values())
 REMOTE_SCHEMES = ("s3://", "gs://", "r2://", "azure://", "hf://", "local:")
 
 
@@ -104,14 +105,10 @@ def open_prepared(path: str, cache_dir: str | None = None, max_cache_size: str |
     )
     index = Path(dataset.input_dir.path) / INDEX_NAME
     config = json.loads(index.read_text(encoding="utf-8")).get("config", {})
-    if tuple(config.get("data_format", ())) != STORED_FORMATS or set(config.get("types", {})) != {
-        "id",
-        "media",
-        "record",
-    }:
+    if tuple(config.get("data_format", ())) != STORED_FORMATS or config.get("types") != STORED_TYPES:
         raise DataError(
-            f"{path}: not a lynx_zoo prepared data set: items of {config.get('types')} "
-            f"(expected id: str, media: bytes, record: str); make one with `python -m lynx_zoo data prepare`"
+            f"{path}: not a lynx_zoo prepared data set: items of {config.get('types')} stored as "
+            f"{config.get('data_format')} (expected {STORED_TYPES}); make one with `python -m lynx_zoo data prepare`"
         )
     return dataset
 
@@ -152,7 +149,7 @@ class PreparedSource(Source):
         self._chunk_reads = False
         self._process = 0  # the process the dataset was opened in (a dataloader worker opens its own)
 
-    def prepare(self, context: Any) -> None:
+    def prepare(self, context: LoadContext) -> None:
         super().prepare(context)
         if self.dataset is not None:
             return
@@ -191,7 +188,7 @@ class PreparedSource(Source):
         where = f"{self.path}[{index}]"
         try:
             item = self._read(index)
-        except DataError:
+        except DataError:  # a data set the zoo does not read: not one bad sample
             raise
         except (OSError, ValueError, RuntimeError, KeyError) as err:
             return self.skip("unreadable_chunk", f"{where}: {err}")
