@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--batches", type=int, default=12, help="timed batches per pipeline measurement")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--repeats", type=int, default=3, help="measurements of each pipeline (the median is kept)")
     parser.add_argument("--out", default="benchmarks/results/data_throughput.json")
     args = parser.parse_args()
 
@@ -146,11 +147,17 @@ def main() -> None:
             ("video", "manifest"): lambda: VideoQASource(str(videos), name="video"),
             ("video", "prepared"): lambda: PreparedSource(str(folder / "prepared-video_qa"), name="video"),
         }
-        for workers in args.workers:
-            for (kind, storage), make_source in readers.items():
-                rate = pipeline_rate(model, make_source(), args.batch_size, workers, args.batches)
-                rows.append({"pipeline": kind, "storage": storage, "workers": workers, "samples_per_s": round(rate, 1)})
-                print(f"{kind:5s} {storage:8s}, {workers} workers: {rate:8.1f} samples/s", flush=True)
+        rates: dict[tuple[str, str, int], list[float]] = {}
+        for repeat in range(args.repeats):  # interleaved, so that a busy spell of the machine hits every pipeline
+            for workers in args.workers:
+                for (kind, storage), make_source in readers.items():
+                    rate = pipeline_rate(model, make_source(), args.batch_size, workers, args.batches)
+                    rates.setdefault((kind, storage, workers), []).append(rate)
+                    print(f"[{repeat}] {kind:5s} {storage:8s}, {workers} workers: {rate:8.1f} samples/s", flush=True)
+        for (kind, storage, workers), measured in rates.items():
+            median = round(statistics.median(measured), 1)
+            rows.append({"pipeline": kind, "storage": storage, "workers": workers, "samples_per_s": median,
+                         "runs": [round(r, 1) for r in measured]})  # fmt: skip
         data = MixtureDataModule([ImageTextSource(str(images))], batch_size=args.batch_size, num_workers=0)
         data.processor, data.num_frames = model.processor, model.vision_config.num_frames
         data.setup("fit")
@@ -158,7 +165,7 @@ def main() -> None:
         consumption = model_rate(model, first, steps=10)
     print(f"model ({args.config}) trains at {consumption:.1f} samples/s (batch {args.batch_size})")
     print()
-    print(f"| pipeline | storage | workers | samples/s | x the model's {consumption:.1f} samples/s |")
+    print(f"| pipeline | storage | workers | samples/s (median of {args.repeats}) | x the model's {consumption:.1f} |")
     print("|---|---|---|---|---|")
     for row in sorted(rows, key=lambda r: (r["pipeline"], r["storage"], r["workers"])):
         ratio = row["samples_per_s"] / consumption
@@ -172,6 +179,7 @@ def main() -> None:
         "image_size": model.vision_config.image_size,
         "num_frames": model.vision_config.num_frames,
         "model_samples_per_s": round(consumption, 1),
+        "repeats": args.repeats,
         "pipelines": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
