@@ -19,12 +19,7 @@ CONFIGS = (
     # the two training stages of Lynx, each with its data mixture
     + [
         [ROOT / "pt_vicuna_420.yaml", ROOT / "stages" / f"{stage}.yaml", ROOT / "data" / f"lynx_{data}.yaml"]
-        for stage, data in (
-            ("stage1_224", "stage1"),
-            ("stage1_224", "stage1_prepared"),
-            ("stage1_420", "stage1"),
-            ("stage2", "stage2"),
-        )
+        for stage, data in (("stage1_224", "stage1"), ("stage1_420", "stage1"), ("stage2", "stage2"))
     ]
 )
 

@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from media import photo, save_photos, to_tensor, write_clip, write_jsonl, write_shards
 from run_helpers import IdsToFile, Recorder, StopAt, trainer
 
+from lynx_zoo.cli import LynxCLI
 from lynx_zoo.data import (
     ConversationSource,
     DataError,
@@ -393,3 +394,15 @@ def test_the_schedule_holds_nothing_that_grows_with_the_samples_or_the_batches()
     assert [j for j, _, _ in far] == [200_000, 200_004, 200_008]
     assert all(len(indices) == 8 and 0 <= indices.min() and indices.max() < 10**10 for _, _, indices in far)
     assert peak < 30e6  # 10^10 samples, 3.2 * 10^8 batches an epoch: a permutation of either would be GBs
+
+
+def test_the_stage1_config_on_prepared_data_parses_with_the_lynx_model():
+    class ParseOnly(LynxCLI):
+        def instantiate_classes(self) -> None:
+            pass
+
+    configs = ["pt_vicuna_420.yaml", "stages/stage1_224.yaml", "data/prepared/lynx_stage1.yaml"]
+    cli = ParseOnly(args=[arg for c in configs for arg in ("--config", str(REPO / "configs" / c))], run=False)
+    sources = cli.config.data.init_args.sources
+    assert {s.class_path for s in sources} == {"lynx_zoo.data.prepared.PreparedSource"}
+    assert sources[0].init_args.path.startswith("s3://") and sources[0].init_args.ratio == 30.5
