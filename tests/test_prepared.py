@@ -236,6 +236,7 @@ def test_a_folder_that_is_not_a_finished_prepared_data_set_is_refused(prepared, 
     assert data_main(argv) == 1  # the data set is there: only --overwrite replaces it
 
 
+@pytest.mark.slow
 def test_an_interrupted_prepare_is_never_read_and_a_rerun_starts_again(raw, tmp_path):
     clip = write_clip(tmp_path / "long.mp4", num_frames=80)
     lines = [{"id": f"v{i}", "video": clip.name, "question": "what?", "answer": "a clip"} for i in range(300)]
@@ -265,6 +266,7 @@ def test_an_interrupted_prepare_is_never_read_and_a_rerun_starts_again(raw, tmp_
     assert sorted(source.dataset[i]["id"] for i in range(len(source))) == sorted(line["id"] for line in lines)
 
 
+@pytest.mark.slow
 def test_the_command_line_prepares_a_manifest(raw, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "lynx_zoo", "data", "prepare", "text", str(raw / "text.jsonl"), "--output",
