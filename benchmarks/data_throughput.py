@@ -2,8 +2,10 @@
 
 The pipelines are the real training path (a source in ``MixtureDataModule``: decoding, the model's
 transform, collation, dataloader workers) on files written here: scikit-image photographs saved as
-640x480 JPEGs, and 320x240 mp4 clips of 8 s decoded by PyAV (``num_frames`` frames by segment). The
-baseline is the model's own consumption: training steps per second (forward, backward, AdamW) on
+640x480 JPEGs, and 320x240 mp4 clips of 8 s decoded by PyAV (``num_frames`` frames by segment). Each is read
+three ways: from its JSONL manifest (one file per sample), from WebDataset tar shards (images only, the
+``ShardSource`` reader), and prepared by ``python -m lynx_zoo data prepare`` (``PreparedSource``, LitData
+chunks). The baseline is the model's own consumption: training steps per second (forward, backward, AdamW) on
 batches from the image pipeline, for the model of ``--config``.
 
     python benchmarks/data_throughput.py --config configs/demo.yaml
@@ -12,11 +14,13 @@ batches from the image pipeline, for the model of ``--config``.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
 import statistics
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +32,9 @@ from PIL import Image
 from skimage import data as skdata
 
 from lynx_zoo.cli import LynxCLI
-from lynx_zoo.data import ImageTextSource, MixtureDataModule, VideoQASource
+from lynx_zoo.data import ImageTextSource, MixtureDataModule, ShardSource, VideoQASource
+from lynx_zoo.data.prepare import prepare
+from lynx_zoo.data.prepared import PreparedSource
 from lynx_zoo.fusion import LynxModel
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "cat")
@@ -67,6 +73,21 @@ def write_videos(folder: Path, count: int, seconds: int = 8, fps: int = 25) -> P
     return manifest
 
 
+def write_tar(folder: Path, manifest: Path) -> str:
+    """The manifest's images and answers as one WebDataset tar shard; returns its path."""
+    shard = folder / "images.tar"
+    with tarfile.open(shard, "w") as tar:
+        for line in manifest.read_text().splitlines():
+            record = json.loads(line)
+            key = Path(record["image"]).stem
+            tar.add(folder / record["image"], arcname=f"{key}.jpg")
+            info = tarfile.TarInfo(f"{key}.json")
+            payload = json.dumps({"question": record["question"], "answer": record["answer"]}).encode()
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return str(shard)
+
+
 def pipeline_rate(model: LynxModel, source, batch_size: int, workers: int, batches: int) -> float:
     """Samples/s of one source through MixtureDataModule's training loader (after one warm-up batch)."""
     data = MixtureDataModule([source], batch_size=batch_size, batches_per_epoch=batches + 1, num_workers=workers)
@@ -101,6 +122,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--batches", type=int, default=12, help="timed batches per pipeline measurement")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--repeats", type=int, default=3, help="measurements of each pipeline (the median is kept)")
     parser.add_argument("--out", default="benchmarks/results/data_throughput.json")
     args = parser.parse_args()
 
@@ -112,12 +134,30 @@ def main() -> None:
         folder = Path(tmp)
         images = write_images(folder, 48)
         videos = write_videos(folder, 8)
-        for kind, manifest, cls in (("image", images, ImageTextSource), ("video", videos, VideoQASource)):
+        shard = write_tar(folder, images)
+        prepared = {
+            kind: prepare(kind, [str(manifest)], str(folder / f"prepared-{kind}"), workers=2)
+            for kind, manifest in (("image_text", images), ("video_qa", videos))
+        }
+        print(f"prepared: { ({kind: report['samples'] for kind, report in prepared.items()}) } samples", flush=True)
+        readers = {
+            ("image", "manifest"): lambda: ImageTextSource(str(images), name="image"),
+            ("image", "tar"): lambda: ShardSource(shard, name="image", task=""),
+            ("image", "prepared"): lambda: PreparedSource(str(folder / "prepared-image_text"), name="image"),
+            ("video", "manifest"): lambda: VideoQASource(str(videos), name="video"),
+            ("video", "prepared"): lambda: PreparedSource(str(folder / "prepared-video_qa"), name="video"),
+        }
+        rates: dict[tuple[str, str, int], list[float]] = {}
+        for repeat in range(args.repeats):  # interleaved, so that a busy spell of the machine hits every pipeline
             for workers in args.workers:
-                source = cls(str(manifest), name=kind)
-                rate = pipeline_rate(model, source, args.batch_size, workers, args.batches)
-                rows.append({"pipeline": kind, "workers": workers, "samples_per_s": round(rate, 1)})
-                print(f"{kind:5s} pipeline, {workers} workers: {rate:8.1f} samples/s", flush=True)
+                for (kind, storage), make_source in readers.items():
+                    rate = pipeline_rate(model, make_source(), args.batch_size, workers, args.batches)
+                    rates.setdefault((kind, storage, workers), []).append(rate)
+                    print(f"[{repeat}] {kind:5s} {storage:8s}, {workers} workers: {rate:8.1f} samples/s", flush=True)
+        for (kind, storage, workers), measured in rates.items():
+            median = round(statistics.median(measured), 1)
+            rows.append({"pipeline": kind, "storage": storage, "workers": workers, "samples_per_s": median,
+                         "runs": [round(r, 1) for r in measured]})  # fmt: skip
         data = MixtureDataModule([ImageTextSource(str(images))], batch_size=args.batch_size, num_workers=0)
         data.processor, data.num_frames = model.processor, model.vision_config.num_frames
         data.setup("fit")
@@ -125,12 +165,12 @@ def main() -> None:
         consumption = model_rate(model, first, steps=10)
     print(f"model ({args.config}) trains at {consumption:.1f} samples/s (batch {args.batch_size})")
     print()
-    print(f"| pipeline | workers | samples/s | x the model's {consumption:.1f} samples/s |")
-    print("|---|---|---|---|")
-    for row in rows:
+    print(f"| pipeline | storage | workers | samples/s (median of {args.repeats}) | x the model's {consumption:.1f} |")
+    print("|---|---|---|---|---|")
+    for row in sorted(rows, key=lambda r: (r["pipeline"], r["storage"], r["workers"])):
         ratio = row["samples_per_s"] / consumption
         row["ratio_to_model"] = round(ratio, 2)
-        print(f"| {row['pipeline']} | {row['workers']} | {row['samples_per_s']} | {ratio:.2f} |")
+        print(f"| {row['pipeline']} | {row['storage']} | {row['workers']} | {row['samples_per_s']} | {ratio:.2f} |")
     result = {
         "command": "python " + " ".join(sys.argv),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
@@ -139,6 +179,7 @@ def main() -> None:
         "image_size": model.vision_config.image_size,
         "num_frames": model.vision_config.num_frames,
         "model_samples_per_s": round(consumption, 1),
+        "repeats": args.repeats,
         "pipelines": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -94,6 +94,10 @@ COMMANDS: dict[str, Command] = {
     ),
     "report": Command("tables and charts of evaluation results", _lazy("lynx_zoo.evaluation.cli", "report_main")),
     "stages": Command("train a grid row through the paper's stages", _lazy("lynx_zoo.stages", "main")),
+    "data": Command(
+        "prepare data sets for streaming (data prepare KIND INPUT... --output DIR)",
+        _lazy("lynx_zoo.data.prepare", "main"),
+    ),
     "export": Command("export a run's checkpoint as a variant folder", _lazy("lynx_zoo.hub.cli", "export_main")),
     "variants": Command("list the released and registered variants", _lazy("lynx_zoo.hub.cli", "variants_main")),
     "cards": Command("generate or check the model cards", _lazy("lynx_zoo.hub.cli", "cards_main")),

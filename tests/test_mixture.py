@@ -4,12 +4,12 @@ never stops a run, mid-epoch resume, and images + videos + text through PT and C
 from collections import Counter
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from media import save_photos, to_tensor, write_clip, write_jsonl, write_shards
+from run_helpers import IdsToFile, Recorder, StopAt, trainer
 from torch.utils.data import DataLoader
 
 from lynx_zoo import CrossAttnLynx, PrefixLynx
@@ -105,53 +105,17 @@ def test_shards_are_read_exactly_once_per_epoch_across_2_ranks_and_2_workers(tmp
             rank_ids += batch["ids"]
             assert len({key.split("-")[0] for key in batch["ids"]}) <= 2  # consecutive members of a shard
         # the workers' batches arrive in schedule order
-        planned = [source.locate(int(i)) for _, indices in schedule.epoch_plan(0) for i in indices]
+        planned = [source.locate(int(i)) for _, _, indices in schedule.epoch_plan(0) for i in indices]
         assert rank_ids == [shard.keys[position] for shard, position in planned]
         seen += rank_ids
     assert sorted(seen) == sorted(keys) and len(seen) == len(set(seen)) == 48
-
-
-class Recorder(Callback):
-    """Records each training batch's sample ids and source."""
-
-    def __init__(self) -> None:
-        self.ids: list[list[str]] = []
-        self.sources: list[str] = []
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        self.ids.append(list(batch["ids"]))
-        self.sources.append(batch["source"])
-
-
-class StopAt(Callback):
-    """Stops training after ``step`` optimizer steps (as a killed job would)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        trainer.should_stop = trainer.global_step >= self.step
-
-
-def trainer(tmp_path: Path, **kwargs) -> L.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
-    return L.Trainer(**{**options, **kwargs})
 
 
 def expected_skips(data: MixtureDataModule, epoch: int) -> Counter:
     """What the schedule will load of the bad records: images 3 and 7 (corrupt, missing), clip 2 (truncated)."""
     bad = {("images", 3): "unreadable_image", ("images", 7): "unreadable_image", ("clips", 2): "unreadable_video"}
     counts = Counter()
-    for source, indices in data.stream.schedule.epoch_plan(epoch):
+    for _, source, indices in data.stream.schedule.epoch_plan(epoch):
         name = data.sources[source].name
         for i in indices:
             if (name, int(i)) in bad:
@@ -218,17 +182,6 @@ def test_held_out_image_and_video_sources_are_validated_with_per_category_accura
     metrics = run.callback_metrics
     assert {"val/loss/dataloader_idx_0", "val/loss/dataloader_idx_1"} <= set(metrics)
     assert 0.0 <= float(metrics["val/acc/all"]) <= 1.0  # the manifests have no categories: one "all" metric
-
-
-class IdsToFile(Callback):
-    """Appends each training batch's sample ids to ``folder/rank<R>.txt`` (survives spawned processes)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        with (self.folder / f"rank{trainer.global_rank}.txt").open("a") as out:
-            out.write("".join(f"{key}\n" for key in batch["ids"]))
 
 
 def test_a_ddp_run_on_2_ranks_with_2_workers_each_reads_every_shard_sample_once(make_tiny, tmp_path):

@@ -19,6 +19,7 @@ from lynx_zoo.data import (
     TextSource,
     VideoQASource,
 )
+from lynx_zoo.data.mixture import PassOrder
 from lynx_zoo.data.video import VideoError, read_video_frames, segment_indices
 
 
@@ -121,8 +122,9 @@ def test_shard_source_indexes_tar_headers_and_reads_every_pair(tmp_path):
     assert [s.id for s in samples] == keys
     assert all(s.image.shape == (3, 16, 16) for s in samples)
     assert samples[1].answer == "a photo number 1" and samples[0].answer == "a photo number 0"
-    # a pass goes shard by shard (a shuffled shard order), each sample once
-    order = source.order(pass_index=0, seed=0)
+    # each shard is a block: a pass goes shard by shard (a shuffled shard order), each sample once
+    assert source.chunk_sizes() == [4, 4, 4]
+    order = PassOrder(source.chunk_sizes(), seed=[0]).take(0, 12)
     assert sorted(order.tolist()) == list(range(12))
     assert all(len({int(i) // 4 for i in order[k : k + 4]}) == 1 for k in range(0, 12, 4))
 

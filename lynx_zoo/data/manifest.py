@@ -19,6 +19,23 @@ class ManifestError(ValueError):
     """A manifest that cannot be used at all (its schema is wrong from the first line)."""
 
 
+def parse_line(
+    line: str, required: tuple[str, ...] = REQUIRED_FIELDS, answer_field: str | None = "answer"
+) -> tuple[dict | None, str, str]:
+    """One manifest line checked: ``(record, "", "")``, or ``(None, reason, problem)`` when it is unusable
+    (``malformed_line``, ``missing_field`` or ``empty_answer``)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        return None, "malformed_line", f"not valid JSON ({err.msg})"
+    missing = [f for f in required if not isinstance(record, dict) or not isinstance(record.get(f), str)]
+    if missing:
+        return None, "missing_field", f"missing or non-string field(s) {missing}"
+    if answer_field and not record[answer_field].strip():
+        return None, "empty_answer", "empty answer"
+    return record, "", ""
+
+
 def read_manifest(
     path: str | Path,
     strict: bool = False,
@@ -40,18 +57,8 @@ def read_manifest(
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            problem = None
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                problem, reason = f"not valid JSON ({err.msg})", "malformed_line"
-            else:
-                missing = [f for f in required if not isinstance(record, dict) or not isinstance(record.get(f), str)]
-                if missing:
-                    problem, reason = f"missing or non-string field(s) {missing}", "missing_field"
-                elif answer_field and not record[answer_field].strip():
-                    problem, reason = "empty answer", "empty_answer"
-            if problem is None:
+            record, reason, problem = parse_line(line, required, answer_field)
+            if record is not None:
                 records.append(record)
                 continue
             message = f"{path}:{number}: {problem}"

@@ -3,11 +3,17 @@
 Every batch is drawn from one source, chosen by the configured ratios (Lynx's tables: BLIP CapFilt
 30.5 %, Places365 10.9 %, ...), so images, videos and text-only samples never share a batch. The
 whole schedule (which source each global batch comes from and which of its samples) is a pure
-function of ``(seed, epoch, batch)``: every rank computes it, takes its own batches (global batch
-``g`` belongs to rank ``g % world_size``) and every dataloader worker loads every ``num_workers``-th of
-those, so each sample of a pass is read once across ranks and workers. Positions in each source carry
-over from epoch to epoch (a source's pass continues where it stopped), and the DataModule's state in
-a checkpoint (epoch and batches done) lets a resumed run continue with the next unseen batch.
+function of ``(seed, epoch, batch)``, computed block by block so that no process holds anything that grows
+with the number of samples or batches.
+
+Global batch ``g`` belongs to rank ``g % world_size``; batch ``j`` of a rank is loaded by dataloader worker
+``j % num_workers``. Each (rank, worker) pair is a *reader* with its own share of every source: a pass over a
+source is its blocks (chunks of a prepared data set, tar shards; a manifest is one block) in a shuffled order,
+each shuffled within, and reader ``r`` of ``R`` reads the ``r``-th contiguous ``1/R`` of that order. So each
+sample of a pass is read exactly once across ranks and workers, and a reader streams only its own chunks. A
+reader's position in each source carries over from epoch to epoch (its pass continues where it stopped), and
+the loader's state in a checkpoint (epoch and batches done) lets a resumed run continue with the next unseen
+batch.
 """
 
 from __future__ import annotations
@@ -27,6 +33,45 @@ from lynx_zoo.data.templates import InstructionTemplates
 
 log = logging.getLogger(__name__)
 
+# global batches whose sources are drawn together (the unit of the schedule's memory and of its seeding)
+DRAW_BLOCK = 8192
+
+
+class PassOrder:
+    """The sample indices of one pass over a source: its blocks in a shuffled order, each shuffled within.
+
+    Holds one entry per block and the permutation of the block last read, never one per sample.
+    """
+
+    def __init__(self, chunk_sizes: list[int], seed: list[int]) -> None:
+        self.sizes = np.asarray(chunk_sizes, dtype=np.int64)
+        self.firsts = np.cumsum(self.sizes) - self.sizes  # the index of each block's first sample
+        self.seed = seed
+        self.blocks = np.random.default_rng(seed).permutation(len(self.sizes))
+        self.ends = np.cumsum(self.sizes[self.blocks])  # the pass position after each block of the order
+        self._cached: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def take(self, start: int, count: int) -> np.ndarray:
+        """The sample indices at pass positions ``start .. start + count - 1``."""
+        parts, position, stop = [], start, start + count
+        while position < stop:
+            slot = int(np.searchsorted(self.ends, position, side="right"))
+            block = int(self.blocks[slot])
+            begin = int(self.ends[slot] - self.sizes[block])
+            until = min(stop, int(self.ends[slot]))
+            parts.append(self.firsts[block] + self._permutation(block)[position - begin : until - begin])
+            position = until
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+    def _permutation(self, block: int) -> np.ndarray:
+        if self._cached[0] != block:
+            shuffled = np.random.default_rng([*self.seed, block + 1]).permutation(int(self.sizes[block]))
+            self._cached = (block, shuffled)
+        return self._cached[1]
+
 
 class MixtureSchedule:
     """Which source and which sample indices each batch of an epoch gets, for one rank.
@@ -37,10 +82,18 @@ class MixtureSchedule:
         batches_per_epoch: batches per rank and epoch.
         seed: seeds the source draws and each source's pass orders.
         rank, world_size: this process and the number of processes.
+        num_workers: dataloader workers per rank (each (rank, worker) pair reads its own share of each source).
     """
 
     def __init__(
-        self, sources: list[Source], batch_size: int, batches_per_epoch: int, seed: int, rank: int, world_size: int
+        self,
+        sources: list[Source],
+        batch_size: int,
+        batches_per_epoch: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        num_workers: int = 0,
     ) -> None:
         weights = np.array([s.ratio for s in sources], dtype=float)
         empty = [s.name for s in sources if len(s) == 0 and s.ratio > 0]
@@ -52,47 +105,95 @@ class MixtureSchedule:
         self.probabilities = weights / weights.sum()
         self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self._orders: dict[tuple[int, int], np.ndarray] = {}
+        self.workers = max(1, num_workers)
+        self.readers = world_size * self.workers
+        small = [f"{s.name} ({len(s)})" for s in sources if 0 < len(s) < self.readers and s.ratio > 0]
+        if small:
+            raise ValueError(
+                f"mixture: source(s) {small} have fewer samples than the {self.readers} readers "
+                f"({world_size} ranks x {self.workers} dataloader workers); give them more samples or fewer workers"
+            )
+        self._orders: dict[tuple[int, int], PassOrder] = {}
 
-    def source_draws(self, epoch: int) -> np.ndarray:
-        """The source of each global batch of ``epoch`` (all ranks)."""
-        rng = np.random.default_rng([self.seed, epoch])
-        return rng.choice(len(self.sources), size=self.batches_per_epoch * self.world_size, p=self.probabilities)
+    @property
+    def global_batches(self) -> int:
+        """Batches per epoch over all ranks."""
+        return self.batches_per_epoch * self.world_size
+
+    def reader_of(self, batches: np.ndarray) -> np.ndarray:
+        """The reader (``rank * workers + worker``) of each global batch."""
+        return (batches % self.world_size) * self.workers + (batches // self.world_size) % self.workers
+
+    def source_draws(self, epoch: int, first: int = 0, count: int | None = None) -> np.ndarray:
+        """The source of global batches ``first .. first + count - 1`` of ``epoch`` (default: all of them)."""
+        count = self.global_batches - first if count is None else count
+        parts = []
+        for block in range(first // DRAW_BLOCK, (first + count - 1) // DRAW_BLOCK + 1):
+            rng = np.random.default_rng([self.seed, epoch, block])
+            parts.append(rng.choice(len(self.sources), size=DRAW_BLOCK, p=self.probabilities))
+        drawn = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+        skip = first - (first // DRAW_BLOCK) * DRAW_BLOCK
+        return drawn[skip : skip + count]
+
+    def _blocks(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """``(global batches, their sources, their readers)`` of ``epoch``, a block at a time."""
+        for first in range(0, self.global_batches, DRAW_BLOCK):
+            batches = np.arange(first, min(first + DRAW_BLOCK, self.global_batches))
+            yield batches, self.source_draws(epoch, first, len(batches)), self.reader_of(batches)
+
+    def taken_before(self, epoch: int) -> np.ndarray:
+        """Samples each reader took from each source before ``epoch`` starts: ``(readers, sources)``."""
+        taken = np.zeros((self.readers, len(self.sources)), dtype=np.int64)
+        for previous in range(epoch):
+            for _, draws, readers in self._blocks(previous):
+                np.add.at(taken, (readers, draws), self.batch_size)
+        return taken
 
     def positions(self, epoch: int) -> list[int]:
-        """Samples taken from each source before ``epoch`` starts (over all ranks)."""
-        taken = np.zeros(len(self.sources), dtype=np.int64)
-        for previous in range(epoch):
-            taken += np.bincount(self.source_draws(previous), minlength=len(self.sources)) * self.batch_size
-        return taken.tolist()
+        """Samples taken from each source before ``epoch`` starts (over all ranks and workers)."""
+        return self.taken_before(epoch).sum(axis=0).tolist()
 
-    def epoch_plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
-        """``(source, sample indices)`` of this rank's batches in ``epoch``."""
-        position = self.positions(epoch)
-        plan = []
-        for g, s in enumerate(self.source_draws(epoch)):
-            if g % self.world_size == self.rank:
-                plan.append((int(s), self._take(int(s), position[s])))
-            position[s] += self.batch_size
-        return plan
+    def epoch_plan(self, epoch: int, start: int = 0, step: int = 1) -> Iterator[tuple[int, int, np.ndarray]]:
+        """``(j, source, sample indices)`` of this rank's batches ``j = start, start + step, ...`` in ``epoch``."""
+        taken = self.taken_before(epoch)
+        num_sources = len(self.sources)
+        for batches, draws, readers in self._blocks(epoch):
+            keys = readers * num_sources + draws
+            # how many earlier batches of this block the same reader took from the same source
+            order = np.argsort(keys, kind="stable")
+            sorted_keys = keys[order]
+            group_start = np.searchsorted(sorted_keys, sorted_keys, side="left")
+            earlier = np.empty_like(keys)
+            earlier[order] = np.arange(len(keys)) - group_start
+            j = batches // self.world_size
+            mine = (batches % self.world_size == self.rank) & (j >= start) & ((j - start) % step == 0)
+            for k in np.flatnonzero(mine):
+                reader, source = int(readers[k]), int(draws[k])
+                position = int(taken[reader, source] + earlier[k] * self.batch_size)
+                yield int(j[k]), source, self._take(source, reader, position)
+            np.add.at(taken, (readers, draws), self.batch_size)
 
-    def _take(self, source: int, start: int) -> np.ndarray:
-        """``batch_size`` indices from ``start`` on in the source's endless sequence of passes."""
+    def _take(self, source: int, reader: int, start: int) -> np.ndarray:
+        """``batch_size`` indices from ``start`` on in the reader's endless sequence of its shares of passes."""
         size = len(self.sources[source])
+        low, high = size * reader // self.readers, size * (reader + 1) // self.readers
+        share = high - low
         taken, out = start, []
-        while len(out) < self.batch_size:
-            pass_index, offset = divmod(taken, size)
-            order = self._order(source, pass_index)
-            chunk = order[offset : offset + self.batch_size - len(out)]
-            out.extend(chunk.tolist())
-            taken += len(chunk)
-        return np.array(out)
+        while sum(len(part) for part in out) < self.batch_size:
+            pass_index, offset = divmod(taken, share)
+            count = min(share - offset, self.batch_size - sum(len(part) for part in out))
+            out.append(self._order(source, pass_index).take(low + offset, count))
+            taken += count
+        return np.concatenate(out)
 
-    def _order(self, source: int, pass_index: int) -> np.ndarray:
+    def _order(self, source: int, pass_index: int) -> PassOrder:
         key = (source, pass_index)
         if key not in self._orders:
-            self._orders = {k: v for k, v in self._orders.items() if k[0] != source}  # keep one pass per source
-            self._orders[key] = self.sources[source].order(pass_index, self.seed + 7919 * source)
+            # keep two passes per source (readers cross from one pass to the next at different batches)
+            kept = [k for k in self._orders if k[0] == source and k[1] >= pass_index - 1]
+            self._orders = {k: v for k, v in self._orders.items() if k[0] != source or k in kept}
+            seed = [self.seed, 7919 * source, pass_index]
+            self._orders[key] = PassOrder(self.sources[source].chunk_sizes(), seed)
         return self._orders[key]
 
 
@@ -111,13 +212,11 @@ class MixtureStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        plan = self.schedule.epoch_plan(self.epoch)
         # the DataLoader takes batches from its workers round-robin, so worker w yields start + w, + 2w, ...
-        for j in range(self.start + worker, len(plan), workers):
-            yield self.load_batch(plan[j], j)
+        for j, source, indices in self.schedule.epoch_plan(self.epoch, self.start + worker, workers):
+            yield self.load_batch(source, indices, j)
 
-    def load_batch(self, step: tuple[int, np.ndarray], j: int) -> dict[str, Any]:
-        source_index, indices = step
+    def load_batch(self, source_index: int, indices: np.ndarray, j: int) -> dict[str, Any]:
         source = self.schedule.sources[source_index]
         seed = f"{self.schedule.seed}/{self.epoch}/{self.schedule.rank}/{j}"
         samples: list[Sample | Skipped] = [source.load(int(i), f"{seed}/{k}") for k, i in enumerate(indices)]
@@ -160,6 +259,7 @@ class MixtureLoader(DataLoader):
             "seed": schedule.seed,
             "batch_size": schedule.batch_size,
             "world_size": schedule.world_size,
+            "num_workers": schedule.workers,
             "batches_per_epoch": schedule.batches_per_epoch,
             "positions_at_epoch_start": {s.name: p for s, p in zip(schedule.sources, positions)},
         }
@@ -167,7 +267,7 @@ class MixtureLoader(DataLoader):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         schedule = self.dataset.schedule  # type: ignore[attr-defined]
         now = {"seed": schedule.seed, "batch_size": schedule.batch_size, "world_size": schedule.world_size,
-               "batches_per_epoch": schedule.batches_per_epoch}  # fmt: skip
+               "num_workers": schedule.workers, "batches_per_epoch": schedule.batches_per_epoch}  # fmt: skip
         changed = {k: (state[k], v) for k, v in now.items() if k in state and state[k] != v}
         if changed:
             log.warning(
@@ -251,7 +351,9 @@ class MixtureDataModule(L.LightningDataModule):
             rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
             total = sum(len(s) for s in self.sources if s.ratio > 0)
             per_epoch = self.batches_per_epoch or max(1, total // (self.batch_size * world))
-            schedule = MixtureSchedule(self.sources, self.batch_size, per_epoch, self.seed, rank, world)
+            schedule = MixtureSchedule(
+                self.sources, self.batch_size, per_epoch, self.seed, rank, world, self.num_workers
+            )
             self.stream = MixtureStream(schedule, self.processor)
 
     @property

@@ -7,8 +7,9 @@
 * :class:`ShardSource`: WebDataset-style tar shards (``key.jpg`` + ``key.json``/``key.txt``), read by
   byte offset from an index of the tar headers, for alignment data that no single manifest holds.
 
-A source is indexable (``len``, ``load(index, rng)``); how a pass over it is ordered is its own
-business (:meth:`Source.order`: a permutation, or shard by shard for tar shards). A sample that
+A source is indexable (``len``, ``load(index, seed)``) and says how its samples are stored
+(:meth:`Source.chunk_sizes`: one block for a manifest, one per tar shard or per chunk of a prepared data set),
+so that a mixture reads a pass block by block (see :mod:`lynx_zoo.data.mixture`). A sample that
 cannot be read comes back as :class:`~lynx_zoo.data.processor.Skipped` (source and reason), which the
 collate function drops and counts, unless the source is strict: then the error names the file.
 """
@@ -30,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -100,9 +100,10 @@ class Source(Dataset):
     def __getitem__(self, index: int) -> Sample | Skipped:
         return self.load(index, str(index))
 
-    def order(self, pass_index: int, seed: int) -> np.ndarray:
-        """The order of sample indices in pass ``pass_index`` over the source (a fresh permutation each pass)."""
-        return np.random.default_rng([seed, pass_index]).permutation(len(self))
+    def chunk_sizes(self) -> list[int]:
+        """Sizes of the blocks the samples are stored in, in index order (a pass reads block by block, each
+        shuffled; one block, a plain permutation, for sources held in memory)."""
+        return [len(self)]
 
     @property
     def categories(self) -> list[str]:
@@ -242,29 +243,41 @@ class ConversationSource(ManifestSource):
 
     def prepare(self, context: LoadContext) -> None:
         Source.prepare(self, context)  # not a JSONL manifest of flat records: read here
-        if self.records:
-            return
-        if not self.manifest.is_file():
-            raise FileNotFoundError(f"conversations not found: {self.manifest}")
-        text = self.manifest.read_text(encoding="utf-8-sig")
+        if not self.records:
+            numbered, self.skipped_lines, _ = self.read(self.manifest, context.strict)
+            self.records = [record for _, record in numbered]
+
+    @classmethod
+    def read(
+        cls, manifest: Path, strict: bool = False
+    ) -> tuple[list[tuple[int, dict]], Counter, list[tuple[str, str]]]:
+        """The numbered valid records of a conversations file, the skipped ones counted by reason, and
+        ``(reason, message)`` naming each skipped record (a wrong schema in record 1, or any problem when
+        ``strict``, raises)."""
+        if not manifest.is_file():
+            raise FileNotFoundError(f"conversations not found: {manifest}")
+        text = manifest.read_text(encoding="utf-8-sig")
         try:
             loaded = json.loads(text) if text.lstrip().startswith("[") else None
         except json.JSONDecodeError as err:
-            raise ManifestError(f"{self.manifest}: not valid JSON ({err.msg}, line {err.lineno})") from err
-        entries = list(enumerate(loaded, 1)) if loaded is not None else self._json_lines(text)
+            raise ManifestError(f"{manifest}: not valid JSON ({err.msg}, line {err.lineno})") from err
+        entries = list(enumerate(loaded, 1)) if loaded is not None else cls._json_lines(text)
+        numbered, skipped, messages = [], Counter(), []
         for number, record in entries:
-            problem = self._problem(record)
+            problem = cls._problem(record)
             if problem is None:
-                self.records.append(record)
+                numbered.append((number, record))
                 continue
             reason, detail = problem
-            message = f"{self.manifest}: record {number}: {detail}"
-            if context.strict or (number == 1 and reason != "empty_answer"):
+            message = f"{manifest}: record {number}: {detail}"
+            if strict or (number == 1 and reason != "empty_answer"):
                 raise ManifestError(
                     f"{message}; expected {{'image': str, 'conversations': [{{'from': 'human'|'gpt', 'value': str}}]}}"
                 )
-            self.skipped_lines[reason] += 1
+            skipped[reason] += 1
+            messages.append((reason, message))
             log.warning("skipping %s", message)
+        return numbered, skipped, messages
 
     @staticmethod
     def _json_lines(text: str) -> list[tuple[int, Any]]:
@@ -300,8 +313,7 @@ class ConversationSource(ManifestSource):
             pixels = self.read_image(path, seed)
         except (OSError, ValueError) as err:
             return self.skip("unreadable_image", f"{self.manifest}: cannot read image {path}: {err}")
-        turns = record["conversations"]
-        pairs = [(q["value"].replace("<image>", "").strip(), a["value"]) for q, a in zip(turns[::2], turns[1::2])]
+        pairs = conversation_pairs(record["conversations"])
         return Sample(
             instruction=pairs[-1][0],
             answer=pairs[-1][1],
@@ -328,9 +340,10 @@ class ShardSource(Source):
         (``name``, ``ratio``, ``task`` as for every :class:`Source`; the default task is captioning.)
 
     Samples are read by byte offset from an index of the tar headers (built at ``prepare``), so a
-    mixture can address any sample. A pass goes shard by shard in a shuffled shard order: a batch
-    reads consecutive members of one shard, and the shards of a pass are split between ranks and
-    dataloader workers by the mixture's batch schedule, each sample exactly once.
+    mixture can address any sample. Each shard is one block of :meth:`chunk_sizes`: a pass goes shard
+    by shard in a shuffled order. The index holds every key in memory, in every process: for more than
+    about a million samples, prepare the shards (``python -m lynx_zoo data prepare``) and read them with
+    :class:`~lynx_zoo.data.prepared.PreparedSource`.
     """
 
     kind = "shards"
@@ -345,7 +358,7 @@ class ShardSource(Source):
         super().prepare(context)
         if self.shards:
             return
-        paths = [p for pattern in self.patterns for p in _expand(pattern)]
+        paths = [p for pattern in self.patterns for p in expand_pattern(pattern)]
         if not paths:
             raise FileNotFoundError(f"source {self.name}: no tar shards match {self.patterns}")
         total = 0
@@ -359,11 +372,8 @@ class ShardSource(Source):
     def __len__(self) -> int:
         return self.size if self.shards else 0
 
-    def order(self, pass_index: int, seed: int) -> np.ndarray:
-        shard_order = np.random.default_rng([seed, pass_index]).permutation(len(self.shards))
-        return np.concatenate(
-            [np.arange(self.offsets[s], self.offsets[s] + len(self.shards[s].keys)) for s in shard_order]
-        )
+    def chunk_sizes(self) -> list[int]:
+        return [len(shard.keys) for shard in self.shards]
 
     def locate(self, index: int) -> tuple[_Shard, int]:
         """The shard holding global sample ``index`` and the sample's position in it."""
@@ -384,20 +394,33 @@ class ShardSource(Source):
             pixels = self.read_image(where, seed, blobs[image_ext])
         except (OSError, ValueError) as err:
             return self.skip("unreadable_image", f"{where}.{image_ext}: {err}")
-        if "json" in blobs:
-            try:
-                meta = json.loads(blobs["json"])
-                answer, question = str(meta.get("answer") or meta.get("caption") or ""), str(meta.get("question") or "")
-            except (json.JSONDecodeError, AttributeError) as err:
-                return self.skip("malformed_line", f"{where}.json: {err}")
-        else:
-            answer, question = blobs["txt"].decode("utf-8", "replace"), ""
-        if not answer.strip():
+        try:
+            question, answer = shard_text(blobs)
+        except ValueError as err:
+            return self.skip("malformed_line", f"{where}.json: {err}")
+        if not answer:
             return self.skip("empty_answer", f"{where}: empty answer")
-        return Sample(self.instruction(question, seed), answer.strip(), pixels, id=key, source=self.name)
+        return Sample(self.instruction(question, seed), answer, pixels, id=key, source=self.name)
 
 
-def _expand(pattern: str) -> list[Path]:
+def conversation_pairs(turns: list[dict]) -> list[tuple[str, str]]:
+    """(instruction, answer) pairs of validated LLaVA turns, ``<image>`` markers dropped."""
+    return [(q["value"].replace("<image>", "").strip(), a["value"]) for q, a in zip(turns[::2], turns[1::2])]
+
+
+def shard_text(blobs: dict[str, bytes]) -> tuple[str, str]:
+    """``(question, answer)`` of a tar-shard sample from its ``json`` (``answer`` or ``caption``, ``question``?) or
+    ``txt`` member, the answer stripped (empty when there is none); ``ValueError`` for a malformed ``json``."""
+    if "json" not in blobs:
+        return "", blobs["txt"].decode("utf-8", "replace").strip()
+    try:
+        meta = json.loads(blobs["json"])
+        return str(meta.get("question") or ""), str(meta.get("answer") or meta.get("caption") or "").strip()
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ValueError(str(err)) from err
+
+
+def expand_pattern(pattern: str) -> list[Path]:
     """Paths of a glob or a ``{000..009}`` brace range (zero padding kept)."""
     brace = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
     if brace:
@@ -406,7 +429,7 @@ def _expand(pattern: str) -> list[Path]:
             pattern[: brace.start()] + str(i).zfill(len(first)) + pattern[brace.end() :]
             for i in range(int(first), int(last) + 1)
         ]
-        return [p for name in names for p in _expand(name)]
+        return [p for name in names for p in expand_pattern(name)]
     if glob.has_magic(pattern):
         return [Path(p) for p in sorted(glob.glob(pattern))]
     return [Path(pattern)]

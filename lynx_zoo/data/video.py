@@ -9,6 +9,7 @@ imprecisely (a seek lands after its target), the stream is decoded from its star
 
 from __future__ import annotations
 
+import io
 import math
 import random
 from pathlib import Path
@@ -49,18 +50,27 @@ def segment_indices(num_available: int, num_frames: int, training: bool, rng: ra
 
 
 def read_video_frames(
-    path: str | Path, num_frames: int, training: bool = False, rng: random.Random | None = None
+    path: str | Path,
+    num_frames: int,
+    training: bool = False,
+    rng: random.Random | None = None,
+    data: bytes | None = None,
 ) -> list[Image.Image]:
-    """``num_frames`` RGB frames of the video at ``path``, sampled by segment (see :func:`segment_indices`).
+    """``num_frames`` RGB frames of the video at ``path`` (or in ``data``, the file's bytes, with ``path`` naming
+    it in errors), sampled by segment (see :func:`segment_indices`).
 
     Raises :class:`VideoError` naming the file when it cannot be opened, has no video stream, or
     fewer frames decode than its packets promise (a truncated or corrupt file).
     """
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise VideoError(f"video not found: {path}")
+
+    def open_video() -> av.container.InputContainer:
+        return av.open(io.BytesIO(data) if data is not None else str(path))
+
     try:
-        with av.open(str(path)) as container:
+        with open_video() as container:
             if not container.streams.video:
                 raise VideoError(f"{path}: no video stream")
             stream = container.streams.video[0]
@@ -73,7 +83,8 @@ def read_video_frames(
             gap = SEEK_GAP_SECONDS / float(stream.time_base) if stream.time_base else math.inf
             frames = _decode_at(container, stream, wanted, gap)
         if frames is None:
-            frames = _decode_in_order(path, wanted)
+            with open_video() as container:
+                frames = _decode_in_order(container, wanted)
     except av.FFmpegError as err:
         raise VideoError(f"{path}: cannot decode video: {err}") from err
     if len(frames) < num_frames:
@@ -132,13 +143,12 @@ def _decode_at(
     return frames
 
 
-def _decode_in_order(path: Path, wanted: list[int]) -> list[Image.Image]:
+def _decode_in_order(container: av.container.InputContainer, wanted: list[int]) -> list[Image.Image]:
     """The same frames as :func:`_decode_at`, by decoding the whole stream from its start (no seeking)."""
     frames: list[Image.Image] = []
-    with av.open(str(path)) as container:
-        for frame in container.decode(container.streams.video[0]):
-            while frame.pts is not None and len(frames) < len(wanted) and frame.pts >= wanted[len(frames)]:
-                frames.append(frame.to_image())
-            if len(frames) == len(wanted):
-                break
+    for frame in container.decode(container.streams.video[0]):
+        while frame.pts is not None and len(frames) < len(wanted) and frame.pts >= wanted[len(frames)]:
+            frames.append(frame.to_image())
+        if len(frames) == len(wanted):
+            break
     return frames
