@@ -215,3 +215,15 @@ def test_ddp_trains_on_text_only_image_and_video_batches_alike(make_tiny, mixed_
     run = trainer(tmp_path, max_steps=6, strategy="ddp", devices=1, callbacks=[recorder])
     run.fit(make_tiny(fusion), datamodule=mixture(mixed_data, batches_per_epoch=6))
     assert {"images", "clips", "text"} <= set(recorder.sources)
+
+
+def test_the_ranks_of_a_step_draw_the_same_source(mixed_data):
+    """Under FSDP every rank of a step must run the same parts of the model: one modality per step."""
+    data = mixture(mixed_data)
+    data.processor, data.num_frames = LynxProcessor(shapes_tokenizer(), PromptConfig(), to_tensor), 5
+    data.setup("fit")
+    for world in (1, 2, 4):
+        schedule = MixtureSchedule(data.sources, 1, 3000 // world, seed=3, rank=0, world_size=world)
+        draws = schedule.source_draws(epoch=1).reshape(-1, world)
+        assert (draws == draws[:, :1]).all()
+        np.testing.assert_allclose(np.bincount(draws[:, 0], minlength=3) / len(draws), [0.5, 0.3, 0.2], atol=0.04)

@@ -1,7 +1,8 @@
 """The mixture DataModule: many sources sampled by ratio, batch by batch, resumable mid-epoch.
 
 Every batch is drawn from one source, chosen by the configured ratios (Lynx's tables: BLIP CapFilt
-30.5 %, Places365 10.9 %, ...), so images, videos and text-only samples never share a batch. The
+30.5 %, Places365 10.9 %, ...), so images, videos and text-only samples never share a batch; the ranks of one
+training step share the draw, so they all run the same modality. The
 whole schedule (which source each global batch comes from and which of its samples) is a pure
 function of ``(seed, epoch, batch)``, computed block by block so that no process holds anything that grows
 with the number of samples or batches.
@@ -125,15 +126,19 @@ class MixtureSchedule:
         return (batches % self.world_size) * self.workers + (batches // self.world_size) % self.workers
 
     def source_draws(self, epoch: int, first: int = 0, count: int | None = None) -> np.ndarray:
-        """The source of global batches ``first .. first + count - 1`` of ``epoch`` (default: all of them)."""
+        """The source of global batches ``first .. first + count - 1`` of ``epoch`` (default: all of them).
+
+        One draw per training step, shared by the step's ranks: every rank of a step then runs the same modality, so
+        the model runs the same parts on every rank (FSDP's all-gathers and reduce-scatters must match)."""
         count = self.global_batches - first if count is None else count
-        parts = []
-        for block in range(first // DRAW_BLOCK, (first + count - 1) // DRAW_BLOCK + 1):
-            rng = np.random.default_rng([self.seed, epoch, block])
-            parts.append(rng.choice(len(self.sources), size=DRAW_BLOCK, p=self.probabilities))
-        drawn = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
-        skip = first - (first // DRAW_BLOCK) * DRAW_BLOCK
-        return drawn[skip : skip + count]
+        steps = np.arange(first, first + count) // self.world_size
+        drawn = np.empty(count, dtype=np.int64)
+        for block in np.unique(steps // DRAW_BLOCK):
+            rng = np.random.default_rng([self.seed, epoch, int(block)])
+            draws = rng.choice(len(self.sources), size=DRAW_BLOCK, p=self.probabilities)
+            inside = steps // DRAW_BLOCK == block
+            drawn[inside] = draws[steps[inside] - block * DRAW_BLOCK]
+        return drawn
 
     def _blocks(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """``(global batches, their sources, their readers)`` of ``epoch``, a block at a time."""

@@ -202,11 +202,12 @@ class PreparedSource(Source):
         data = bytes(item["media"])
         try:
             if media_kind == "image":
-                media = self.read_image(where, data)
+                media = self.read_image(where, seed, data)
             elif media_kind == "video":
                 draws = random.Random(f"{seed}/frames")
                 frames = read_video_frames(where, self.ctx.num_frames, self.ctx.training, draws, data=data)
-                media = torch.stack([self.ctx.transform(frame) for frame in frames])
+                transform = self.ctx.frame_transform or self.ctx.transform
+                media = torch.stack([transform(frame) for frame in frames])
         except (OSError, ValueError) as err:  # a VideoError is an OSError
             return self.skip(f"unreadable_{media_kind}", f"{where}.{record.get('ext', '')}: {err}")
         instruction = self.instruction(question, seed) if record.get("template", True) else question
