@@ -135,6 +135,13 @@ def main(args: list[str] | None = None) -> Any:
         sys.exit(f"{PROG} {name}: error: {err}")
 
 
+def run() -> None:
+    """The process entry point (``python -m lynx_zoo``, the ``lynx-zoo`` script): :func:`main`, and its exit status
+    (a command that returns no status succeeded)."""
+    result = main()
+    sys.exit(result if isinstance(result, int) else 0)
+
+
 def shipped_config_args(argv: list[str]) -> list[str]:
     """``--config zoo:NAME`` (or ``-c``/``--config=``) -> the path of the shipped config (:mod:`lynx_zoo.resources`)."""
     out: list[str] = []
