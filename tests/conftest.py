@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import shutil
 from pathlib import Path
 
@@ -72,6 +73,14 @@ def make_tiny():
         return cls(**tiny_configs(**overrides))
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def fresh_master_port():
+    """Each multi-process run picks a free port of its own: Lightning keeps the first it found in ``MASTER_PORT``,
+    and a later run would bind a port that another process may have taken since."""
+    yield
+    os.environ.pop("MASTER_PORT", None)
 
 
 @pytest.fixture(scope="module")
