@@ -86,12 +86,20 @@ def explain_error(message: str) -> str:
 def main(args: list[str] | None = None) -> Any:
     """Entry point of ``python -m lynx_zoo`` and the ``lynx-zoo`` script.
 
-    ``evaluate`` and ``report`` are the evaluation commands (:mod:`lynx_zoo.evaluation.cli`); ``export``,
+    ``serve`` is the OpenAI-compatible server (:mod:`lynx_zoo.serving`); ``evaluate`` and ``report`` are the
+    evaluation commands (:mod:`lynx_zoo.evaluation.cli`); ``export``,
     ``chat``, ``variants``, ``cards``, ``convert-lynx`` and ``predict --image/--video`` (a question about a file)
     are the variant commands (:mod:`lynx_zoo.hub.cli`); everything else goes to LightningCLI (``fit``,
     ``validate``, ``test``, ``predict`` with a DataModule).
     """
     argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] == "serve":
+        from lynx_zoo.serving import main as serve
+
+        status = serve(argv[1:])
+        if status:
+            sys.exit(status)
+        return None
     if argv and argv[0] in EVALUATION_COMMANDS:
         from lynx_zoo.evaluation.cli import run_command
 
