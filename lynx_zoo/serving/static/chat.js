@@ -82,6 +82,7 @@ async function pickExample(example, button) {
   const blob = await (await fetch(example.url)).blob();
   document.querySelectorAll("#examples button").forEach((b) => b.classList.remove("selected"));
   button.classList.add("selected");
+  $("file-input").value = "";
   setMedia({kind: "image", url: await readAsDataURL(blob), name: example.name});
   const suggestions = $("suggestions");
   suggestions.replaceChildren();
@@ -157,6 +158,7 @@ async function ask(question) {
   const messages = [...state.history, {role: "user", content: userContent(question)}];
 
   const answer = addMessage("assistant", "");
+  const answerText = answer.appendChild(element("span", "text"));
   answer.dataset.state = "streaming";
   let text = "";
   let finish = null;
@@ -176,7 +178,7 @@ async function ask(question) {
     for (const choice of chunk.choices) {
       if (choice.delta && choice.delta.content) {
         text += choice.delta.content;
-        answer.textContent = text;
+        answerText.textContent = text;
         scrollDown();
       }
       if (choice.finish_reason) finish = choice.finish_reason;
