@@ -136,17 +136,28 @@ class ServerProcess:
 
 
 @pytest.fixture(scope="session")
-def tiny_server(served_variant, media_root):
-    """The tiny variant served by the real command line on a free loopback port (batches of up to 8, 200 ms of
-    waiting for a batch to fill; small image caps, so that tests can exceed them)."""
-    server = ServerProcess(
-        [
-            "--variant", str(served_variant), "--media-root", str(media_root), "--max-batch-size", "8",
-            "--max-wait-ms", "200", "--max-image-pixels", "10000", "--max-image-bytes", "20000",
-        ]
+def start_server():
+    """``start_server(*args)`` -> ``python -m lynx_zoo serve ARGS`` running on a free loopback port; every server
+    started is stopped with SIGTERM at the end of the session, and must shut down cleanly."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str) -> ServerProcess:
+        started.append(ServerProcess(list(args)))
+        return started[-1]
+
+    yield start
+    for server in started:
+        assert server.stop(), "the server did not shut down cleanly on SIGTERM:\n" + "".join(server.lines[-20:])
+
+
+@pytest.fixture(scope="session")
+def tiny_server(start_server, served_variant, media_root) -> ServerProcess:
+    """The tiny variant served by the real command line (batches of up to 8, 200 ms of waiting for a batch to
+    fill; small image caps, so that tests can exceed them)."""
+    return start_server(
+        "--variant", str(served_variant), "--media-root", str(media_root), "--max-batch-size", "8",
+        "--max-wait-ms", "200", "--max-image-pixels", "10000", "--max-image-bytes", "20000",
     )  # fmt: skip
-    yield server
-    assert server.stop(), "the server did not shut down cleanly on SIGTERM:\n" + "".join(server.lines[-20:])
 
 
 @pytest.fixture(scope="session")

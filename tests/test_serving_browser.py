@@ -1,21 +1,25 @@
 """The chat page at ``/``, driven in headless Chromium (Debian's ``chromium`` and ``chromium-driver``, installed
 by ``.ci/run``): upload a scene, ask, see the answer stream in, ask again in the same conversation, pick an example.
 
-``LYNX_ZOO_SCREENSHOT=docs/serving-chat.png`` also saves the final page there (docs/serving.md says how the
-committed one was taken).
+By default the page serves the tests' tiny variant; ``LYNX_ZOO_SERVE_VARIANT=lynx-demo`` serves another one, and
+``LYNX_ZOO_SCREENSHOT=docs/serving-chat.png`` saves the final page (how docs/serving.md's screenshot is taken).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import shutil
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from lynx_zoo.data.processor import Sample
+from lynx_zoo.data.shapes import render_scene
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 FLAGS = (
@@ -56,6 +60,17 @@ def browser():
             driver.quit()
 
 
+@pytest.fixture(scope="module")
+def page_server(request, start_server):
+    """(server, model): the served variant and the same variant loaded here, for the reference answers."""
+    variant = os.environ.get("LYNX_ZOO_SERVE_VARIANT")
+    if not variant:
+        return request.getfixturevalue("tiny_server"), request.getfixturevalue("served_model")
+    from lynx_zoo.serving import load_served_model
+
+    return start_server("--variant", variant), load_served_model(variant)
+
+
 def _answers(driver) -> list[str]:
     from selenium.webdriver.common.by import By
 
@@ -88,26 +103,28 @@ def _reference(model, image: Path, question: str, history: list[tuple[str, str]]
     )[0]
 
 
-def test_chat_page_uploads_a_scene_and_streams_the_answers(browser, tiny_server, served_model, media_root, tmp_path):
+def test_chat_page_uploads_a_scene_and_streams_the_answers(browser, page_server, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
+    server, model = page_server
     driver = browser
-    driver.get(tiny_server.url + "/")
+    driver.get(server.url + "/")
     WebDriverWait(driver, 30).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
-    assert "lynx-serve-tiny" in driver.find_element(By.ID, "model-name").text
+    assert driver.find_element(By.ID, "model-name").text.startswith(model_id(server))
     assert len(driver.find_elements(By.CSS_SELECTOR, "#examples button")) == 6
 
     # upload a scene through the file input, as a person would
-    scene = media_root / "scene1.png"
+    scene = tmp_path / "scene.png"
+    render_scene(random.Random(1), model.vision_config.image_size)[0].save(scene)
     driver.find_element(By.ID, "file-input").send_keys(str(scene))
     WebDriverWait(driver, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#preview img"))
     first = "how many shapes are there?"
     answer = _ask(driver, first, 1)
-    assert answer and answer == _reference(served_model, scene, first, [])
+    assert answer and answer == _reference(model, scene, first, [])
     # a second question in the same conversation: the first turn is its history
     second = "what color is the circle?"
-    assert _ask(driver, second, 2) == _reference(served_model, scene, second, [(first, answer)])
+    assert _ask(driver, second, 2) == _reference(model, scene, second, [(first, answer)])
     user_turns = driver.find_elements(By.CSS_SELECTOR, ".message.user")
     assert [t.text for t in user_turns] == [first, second] and user_turns[0].find_elements(By.CSS_SELECTOR, "img")
 
@@ -121,16 +138,19 @@ def test_chat_page_uploads_a_scene_and_streams_the_answers(browser, tiny_server,
     driver.find_element(By.ID, "send").click()
     WebDriverWait(driver, 60).until(lambda d: len(_answers(d)) == 1)
     example = tmp_path / "scene-2.png"
-    example.write_bytes(_example_png(tiny_server.url, "scene-2"))
-    assert _answers(driver)[0] == _reference(served_model, example, question, [])
+    example.write_bytes(_example_png(server.url, "scene-2"))
+    assert _answers(driver)[0] == _reference(model, example, question, [])
 
     target = os.environ.get("LYNX_ZOO_SCREENSHOT")
     if target:
         driver.save_screenshot(target)
 
 
-def _example_png(url: str, name: str) -> bytes:
-    import urllib.request
+def model_id(server) -> str:
+    with urllib.request.urlopen(f"{server.url}/v1/models", timeout=10) as response:
+        return json.loads(response.read())["data"][0]["id"]
 
+
+def _example_png(url: str, name: str) -> bytes:
     with urllib.request.urlopen(f"{url}/examples/{name}.png", timeout=10) as response:
         return response.read()
