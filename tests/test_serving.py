@@ -11,7 +11,9 @@ import http.client
 import http.server
 import io
 import json
+import socket
 import threading
+import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -373,6 +375,24 @@ def in_process(served_model):
         yield serve
 
 
+def test_a_batch_starts_once_it_is_as_large_as_the_last_one(in_process):
+    """``--max-wait-ms`` bounds the wait for a batch to fill; a batch as large as the previous one starts at once,
+    so a lone client waits only once (the first request, when there is no previous batch)."""
+    url = in_process(max_batch_size=8, max_wait_ms=1500)
+    body = {"messages": ask(QUESTIONS[1]), "max_tokens": 2}
+    durations = []
+    for _ in range(3):
+        start = time.perf_counter()
+        assert post(url, body)[0] == 200
+        durations.append(time.perf_counter() - start)
+    assert durations[0] >= 1.5 and max(durations[1:]) < 1.0, durations
+    start = time.perf_counter()
+    with ThreadPoolExecutor(4) as pool:  # a burst after batches of one: none of it waits for a batch to fill
+        assert [r[0] for r in pool.map(lambda _: post(url, body), range(4))] == [200] * 4
+    assert time.perf_counter() - start < 1.0
+    assert json.loads(get(url, "/health")[2])["requests"] == 7
+
+
 def test_full_queue_answers_503_with_retry_after(in_process, served_model):
     url = in_process(max_batch_size=1, max_queue=2, max_wait_ms=0)
     body = {"messages": ask(QUESTIONS[1]), "max_tokens": 16}
@@ -456,6 +476,15 @@ def test_request_body_over_the_limit_is_refused(in_process):
     url = in_process(max_image_bytes=1000, max_video_bytes=1000)
     status, _, reply = post(url, {"messages": ask("x" * 2_000_000)})
     assert status == 413 and "over the limit" in reply["error"]["message"]
+
+
+def test_listening_socket_is_tcp_so_responses_are_not_delayed():
+    """asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets created as IPPROTO_TCP; without it every
+    response waits out the client's delayed ACK (40 ms on Linux)."""
+    from lynx_zoo.serving.server import bind_socket
+
+    with bind_socket("127.0.0.1", 0) as sock:
+        assert sock.proto == socket.IPPROTO_TCP
 
 
 # ---------------------------------------------------------------------------------------------- command line

@@ -182,6 +182,7 @@ def create_app(model: LynxModel, settings: ServeSettings, served_name: str) -> F
             "failed_batches": stats.failed_batches,
             "largest_batch": stats.largest_batch,
             "batch_sizes": {str(k): v for k, v in sorted(stats.batch_sizes.items())},
+            "recent_batch_seconds": round(stats.batch_seconds, 4),
         }
 
     @app.get("/info")

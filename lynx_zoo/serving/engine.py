@@ -130,7 +130,8 @@ class Engine:
     Args:
         model: the model, in eval mode, on its device.
         max_batch_size: sequences generated together at most (a request asks for ``n``); 1 turns batching off.
-        max_wait_s: how long the oldest queued request waits for others before its batch starts.
+        max_wait_s: how long the oldest queued request waits at most for others; a batch starts earlier when it
+            holds as many sequences as the previous batch did.
         max_queue: requests waiting at most; :meth:`submit` raises :class:`Overloaded` beyond.
     """
 
@@ -138,6 +139,9 @@ class Engine:
         self.model = model
         self.max_batch_size, self.max_wait_s, self.max_queue = max_batch_size, max_wait_s, max_queue
         self.stats = EngineStats()
+        # a batch starts as soon as it is as large as the previous one (as many as the clients keeping the server
+        # busy, so a lone client does not wait), or when its oldest request has waited max_wait_s
+        self._expected_rows = max_batch_size
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -206,11 +210,12 @@ class Engine:
             while True:
                 batch = self._compatible_with(head)
                 remaining = deadline - time.monotonic()
-                if sum(j.request.n for j in batch) >= self.max_batch_size or remaining <= 0 or self._closed:
+                if sum(j.request.n for j in batch) >= self._expected_rows or remaining <= 0 or self._closed:
                     break
                 self._cond.wait(remaining)
             for job in batch:
                 self._pending.remove(job)
+            self._expected_rows = min(self.max_batch_size, sum(j.request.n for j in batch))
             return batch
 
     def _compatible_with(self, head: Job) -> list[Job]:
