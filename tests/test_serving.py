@@ -301,10 +301,10 @@ def _bad_requests(media_root: Path) -> list[tuple[str, bytes | dict, int, str, s
         ("image in an assistant message", {"messages": [*ask("a"), {"role": "assistant", "content": [
             image_part(scene)]}, *ask("b")]}, 400, "belong in user messages", "messages[1].content[0].type"),
         ("corrupt video", {"messages": ask("hi", {"type": "video_url", "video_url": {"url": "broken.mp4"}})}, 400,
-         "broken.mp4", "messages[0].content[0].video_url.url"),
+         "broken.mp4: cannot decode video", "messages[0].content[0].video_url.url"),
         ("not a video", {"messages": ask("hi", {"type": "video_url", "video_url": {
             "url": "data:video/mp4;base64," + base64.b64encode(b"not a video at all").decode()}})}, 400,
-         "the video", "messages[0].content[0].video_url.url"),
+         "the uploaded video: cannot decode video", "messages[0].content[0].video_url.url"),
         ("max_tokens not an integer", {"messages": ask("hi"), "max_tokens": "many"}, 400, "expected an integer",
          "max_tokens"),
         ("max_tokens over the limit", {"messages": ask("hi"), "max_tokens": 100_000}, 400, "between 1 and 512",
@@ -325,6 +325,7 @@ def test_bad_requests_get_a_clear_error_and_the_server_keeps_answering(tiny_serv
         assert got == status, (case, reply)
         error = reply["error"]
         assert phrase in error["message"], (case, error)
+        assert str(media_root) not in error["message"], "an error shows the server's media root"
         assert error["param"] == param and (param is None or error["message"].startswith(param)), (case, error)
         assert error["type"] == "invalid_request_error"
         assert_still_answering(tiny_server, served_model)

@@ -75,8 +75,10 @@ class MediaPolicy:
 
 @dataclass
 class Payload:
-    """The bytes of a medium, or the file that holds them, and the MIME type a data URL declared."""
+    """The bytes of a medium, or the file that holds them; the MIME type a data URL declared; the medium's name
+    in messages to the client (never the server's own paths)."""
 
+    name: str
     data: bytes | None = None
     path: Path | None = None
     mime: str | None = None
@@ -109,7 +111,7 @@ def _data_url(ref: MediaRef, policy: MediaPolicy) -> Payload:
         raise RequestError(ref.param, f"invalid base64 in the data URL ({err})") from err
     if len(data) > cap:
         raise _over_cap(ref, len(data), policy)
-    return Payload(data=data, mime=mime)
+    return Payload(f"the uploaded {ref.kind}", data=data, mime=mime)
 
 
 def _local_file(ref: MediaRef, location: str, policy: MediaPolicy) -> Payload:
@@ -117,7 +119,7 @@ def _local_file(ref: MediaRef, location: str, policy: MediaPolicy) -> Payload:
         raise RequestError(
             ref.param, "local paths are off: start the server with --media-root DIR to allow files there"
         )
-    path = Path(location).expanduser()
+    path = Path(location)
     resolved = (path if path.is_absolute() else policy.root / path).resolve()
     if not resolved.is_relative_to(policy.root):
         raise RequestError(ref.param, f"{location} is outside the media root")
@@ -126,7 +128,7 @@ def _local_file(ref: MediaRef, location: str, policy: MediaPolicy) -> Payload:
     size = resolved.stat().st_size
     if size > policy.byte_cap(ref)[0]:
         raise _over_cap(ref, size, policy)
-    return Payload(path=resolved)
+    return Payload(location, path=resolved)
 
 
 def _remote(ref: MediaRef, policy: MediaPolicy) -> Payload:
@@ -143,7 +145,7 @@ def _remote(ref: MediaRef, policy: MediaPolicy) -> Payload:
         raise RequestError(ref.param, f"cannot fetch {ref.url}: {err}") from err
     if len(data) > cap:
         raise _over_cap(ref, len(data), policy)
-    return Payload(data=data)
+    return Payload(ref.url, data=data)
 
 
 def fetch_payload(ref: MediaRef, policy: MediaPolicy) -> Payload:
@@ -195,7 +197,7 @@ def _video_frames(payload: Payload, ref: MediaRef, num_frames: int) -> list[Imag
         try:
             return read_video_frames(payload.path, num_frames)
         except VideoError as err:
-            raise RequestError(ref.param, str(err)) from err
+            raise RequestError(ref.param, str(err).replace(str(payload.path), payload.name)) from err
     suffix = VIDEO_SUFFIXES.get(payload.mime or "", ".video")
     with tempfile.NamedTemporaryFile(suffix=suffix) as handle:
         handle.write(payload.data or b"")
@@ -203,7 +205,7 @@ def _video_frames(payload: Payload, ref: MediaRef, num_frames: int) -> list[Imag
         try:
             return read_video_frames(handle.name, num_frames)
         except VideoError as err:
-            raise RequestError(ref.param, str(err).replace(handle.name, "the video")) from err
+            raise RequestError(ref.param, str(err).replace(handle.name, payload.name)) from err
 
 
 def load_media(ref: MediaRef, policy: MediaPolicy, transform: Transform) -> torch.Tensor:

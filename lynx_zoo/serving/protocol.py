@@ -133,7 +133,7 @@ def _message_parts(message: dict[str, Any], where: str, role: str) -> tuple[str,
             texts.append(part["text"])
             continue
         if role != "user":
-            raise RequestError(f"{at}.type", f"{kind} parts belong in user messages, not in a {role} message")
+            raise RequestError(f"{at}.type", f"{kind} parts belong in user messages, not in {role} messages")
         url, param = _media_url(part, kind, at)
         media.append(MediaRef(CONTENT_TYPES[kind], url, param))  # type: ignore[arg-type]
     return "\n".join(t for t in texts if t), media
