@@ -130,8 +130,9 @@ class Engine:
     Args:
         model: the model, in eval mode, on its device.
         max_batch_size: sequences generated together at most (a request asks for ``n``); 1 turns batching off.
-        max_wait_s: how long the oldest queued request waits at most for others; a batch starts earlier when it
-            holds as many sequences as the previous batch did.
+        max_wait_s: how long a batch waits at most for requests to fill it, from its oldest request's arrival or
+            from the end of the previous batch, whichever is later; it starts earlier when it holds as many
+            sequences as the previous batch did.
         max_queue: requests waiting at most; :meth:`submit` raises :class:`Overloaded` beyond.
     """
 
@@ -142,6 +143,7 @@ class Engine:
         # a batch starts as soon as it is as large as the previous one (as many as the clients keeping the server
         # busy, so a lone client does not wait), or when its oldest request has waited max_wait_s
         self._expected_rows = max_batch_size
+        self._free_since = 0.0
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -194,6 +196,7 @@ class Engine:
     def _run_forever(self) -> None:
         while (batch := self._take_batch()) is not None:
             self._run_isolated(batch)
+            self._free_since = time.monotonic()
 
     def _take_batch(self) -> list[Job] | None:
         with self._cond:
@@ -206,7 +209,9 @@ class Engine:
                     break
                 self._cond.wait()
             head = self._pending[0]
-            deadline = head.enqueued + self.max_wait_s
+            # waiting for the batch to fill starts when the request arrived or, if the engine was busy then, when
+            # the engine became free: the clients of the batch that just ended are about to send their next requests
+            deadline = max(head.enqueued, self._free_since) + self.max_wait_s
             while True:
                 batch = self._compatible_with(head)
                 remaining = deadline - time.monotonic()
