@@ -180,6 +180,7 @@ def create_app(model: LynxModel, settings: ServeSettings, served_name: str) -> F
             "requests": stats.requests,
             "batches": stats.batches,
             "failed_batches": stats.failed_batches,
+            "dropped_sequences": stats.dropped_sequences,
             "largest_batch": stats.largest_batch,
             "batch_sizes": {str(k): v for k, v in sorted(stats.batch_sizes.items())},
             "recent_batch_seconds": round(stats.batch_seconds, 4),

@@ -112,6 +112,7 @@ class EngineStats:
     requests: int = 0
     batches: int = 0
     failed_batches: int = 0
+    dropped_sequences: int = 0  # stopped early because their client went away
     largest_batch: int = 0
     batch_sizes: Counter = field(default_factory=Counter)
     batch_seconds: float = 0.0  # moving average of one batch's wall time
@@ -326,6 +327,7 @@ class BatchProgress(StoppingCriteria):
             choice.ids.append(tokens[r])
             if job.cancelled or choice.finished:
                 self.closed[r] = True
+                self.engine.stats.dropped_sequences += job.cancelled
             elif tokens[r] == self.eos or len(choice.ids) >= job.budget:
                 self.closed[r] = True
                 self.engine.finish(job, index)

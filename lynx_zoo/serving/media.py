@@ -26,7 +26,7 @@ from lynx_zoo.data.video import VideoError, read_video_frames
 from lynx_zoo.serving.protocol import MediaRef, RequestError
 from lynx_zoo.serving.settings import ServeSettings
 
-IMAGE_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 IMAGE_MIME_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp"}
 # file suffixes of video MIME types, so that PyAV can tell the container (anything else is sniffed)
 VIDEO_SUFFIXES = {
