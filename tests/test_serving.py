@@ -311,7 +311,7 @@ def _bad_requests(media_root: Path) -> list[tuple[str, bytes | dict, int, str, s
          "max_tokens"),
         ("temperature out of range", {"messages": ask("hi"), "temperature": 3.5}, 400, "between 0.0 and 2.0",
          "temperature"),
-        ("n on greedy settings", {"messages": ask("hi"), "n": 2}, 400, "need sampling", "n"),
+        ("n on greedy settings", {"messages": ask("hi"), "n": 2}, 400, "need sampling (a temperature above 0)", "n"),
         ("unsupported field", {"messages": ask("hi"), "tools": [{"type": "function"}]}, 400,
          "not supported by this server", "tools"),
         ("stream not a boolean", {"messages": ask("hi"), "stream": "yes"}, 400, "expected true or false", "stream"),
@@ -392,6 +392,23 @@ def test_a_batch_starts_once_it_is_as_large_as_the_last_one(in_process):
         assert [r[0] for r in pool.map(lambda _: post(url, body), range(4))] == [200] * 4
     assert time.perf_counter() - start < 1.0
     assert json.loads(get(url, "/health")[2])["requests"] == 7
+
+
+def test_beam_search_preset_top_n_beams_and_whole_answer_streams(in_process, served_model, media_root):
+    """``--preset lynx`` (5 beams): ``n`` is the top-n beams, and a streamed answer arrives whole (transformers
+    cannot stream beam search)."""
+    url = in_process(preset="lynx")
+    api = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    path = media_root / "scene2.png"
+    messages = ask(QUESTIONS[0], image_part(data_url(path)))
+    reply = api.chat.completions.create(model="", messages=messages, n=2)
+    expected = served_model.generate(images=[path], prompts=[QUESTIONS[0]], preset="lynx", num_return_sequences=2)
+    assert [c.message.content for c in reply.choices] == expected
+    chunks = list(api.chat.completions.create(model="", messages=messages, stream=True))
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert deltas == [served_model.generate(images=[path], prompts=[QUESTIONS[0]], preset="lynx")[0]]
+    with pytest.raises(openai.BadRequestError, match="n=6 is more than the 5 beams"):
+        api.chat.completions.create(model="", messages=messages, n=6)
 
 
 def test_full_queue_answers_503_with_retry_after(in_process, served_model):

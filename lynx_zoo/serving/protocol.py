@@ -224,7 +224,8 @@ def generation_for(request: ChatRequest, defaults: dict[str, Any]) -> dict[str, 
     """The transformers ``generate`` settings of a request: the variant's defaults, then its fields.
 
     ``max_tokens`` is ``max_new_tokens``; ``temperature: 0`` is greedy, a positive one samples at it; ``top_p``
-    samples from the nucleus; ``n`` is ``num_return_sequences`` (it needs sampling, or beams >= n).
+    samples from the nucleus; ``n`` is ``num_return_sequences`` (the top ``n`` beams under beam search; with one
+    beam it needs sampling).
     """
     settings = dict(defaults)
     if request.max_tokens is not None:
@@ -242,11 +243,11 @@ def generation_for(request: ChatRequest, defaults: dict[str, Any]) -> dict[str, 
         for key in SAMPLING_KEYS:
             settings.pop(key, None)
     beams = int(settings.get("num_beams", 1))
-    if request.n > 1 and not settings.get("do_sample") and beams < request.n:
+    if beams > 1 and request.n > beams:
+        raise RequestError("n", f"n={request.n} is more than the {beams} beams of these settings (the top n beams)")
+    if beams == 1 and request.n > 1 and not settings.get("do_sample"):
         raise RequestError(
-            "n",
-            f"n={request.n} different answers need sampling (a temperature above 0) or beam search with at least n "
-            f"beams; these settings are greedy with num_beams={beams}",
+            "n", f"n={request.n} different answers need sampling (a temperature above 0); these settings are greedy"
         )
     return settings
 
