@@ -533,5 +533,8 @@ def test_serve_command_line_errors(served_variant, capsys):
         main(["--variant", str(served_variant), "--max-batch-size", "0"])
     assert exit_info.value.code == 2 and "--max-batch-size must be at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        main(["--variant", str(served_variant), "--preset", "fast"])
+    assert "unknown --preset 'fast'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         main(["--port", "0"])
     assert "--variant" in capsys.readouterr().err

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lynx_zoo.generation import GENERATION_PRESETS
+
 MiB = 1024 * 1024
 
 
@@ -38,7 +40,8 @@ class ServeSettings:
         default=8, metadata={"help": "most sequences generated together (1: batching off, one request at a time)"}
     )
     max_wait_ms: float = field(
-        default=10.0, metadata={"help": "how long the oldest queued request waits for others to join its batch"}
+        default=10.0,
+        metadata={"help": "the longest a batch waits to fill (it starts sooner once as large as the previous one)"},
     )
     max_queue: int = field(
         default=64, metadata={"help": "requests waiting for the model at most; more are answered 503 + Retry-After"}
@@ -62,6 +65,8 @@ class ServeSettings:
         for name in ("max_batch_size", "max_queue", "max_tokens_limit", "max_n", "max_image_bytes", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"serve: --{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.preset is not None and self.preset not in GENERATION_PRESETS:
+            raise ValueError(f"serve: unknown --preset {self.preset!r}; choose one of {sorted(GENERATION_PRESETS)}")
         if self.max_wait_ms < 0:
             raise ValueError(f"serve: --max-wait-ms must be >= 0, got {self.max_wait_ms}")
         if self.media_root is not None:
