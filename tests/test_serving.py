@@ -394,6 +394,34 @@ def test_a_batch_starts_once_it_is_as_large_as_the_last_one(in_process):
     assert json.loads(get(url, "/health")[2])["requests"] == 7
 
 
+def test_cross_attention_variant_batches_and_streams(in_process, make_tiny, media_root):
+    """CA fusion (visual tokens through gated cross-attention, the prompt as input_ids) is served the same way."""
+    from lynx_zoo import CrossAttnLynx
+    from lynx_zoo.fusion.cross_attn import CrossAttnConfig
+
+    model = make_tiny(CrossAttnLynx, seed=1, cross_attn=CrossAttnConfig(every=2, num_heads=2, head_dim=8))
+    for block in model.blocks():  # open the gates (0 at initialisation), so that the images matter
+        block.attn_gate.data.fill_(1.0)
+        block.ff_gate.data.fill_(1.0)
+    model.eval()
+    url = in_process(model=model, max_wait_ms=300)
+    api = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    paths = [media_root / name for name in ("scene0.png", "scene1.png", "astronaut.jpg", "coffee.webp")]
+
+    def run(index: int) -> str:
+        messages = ask(QUESTIONS[index % 3], image_part(data_url(paths[index])))
+        if index % 2:
+            chunks = api.chat.completions.create(model="", messages=messages, stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        return api.chat.completions.create(model="", messages=messages).choices[0].message.content
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(run, range(4)))
+    expected = [model.generate(images=[p], prompts=[QUESTIONS[i % 3]])[0] for i, p in enumerate(paths)]
+    assert answers == expected and len(set(expected)) > 1
+    assert json.loads(get(url, "/health")[2])["largest_batch"] > 1
+
+
 def test_beam_search_preset_top_n_beams_and_whole_answer_streams(in_process, served_model, media_root):
     """``--preset lynx`` (5 beams): ``n`` is the top-n beams, and a streamed answer arrives whole (transformers
     cannot stream beam search)."""
