@@ -131,19 +131,31 @@ def test_streamed_answer_equals_generate(tiny_server, served_model, media_root):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= len(expected.split())
 
 
+def media_part(path: Path) -> dict:
+    if path.suffix == ".mp4":
+        return {"type": "video_url", "video_url": {"url": data_url(path)}}
+    return image_part(data_url(path))
+
+
+def reference(model, question: str, path: Path | None, **settings: Any) -> str:
+    """``generate`` on one question about an image, a video or nothing."""
+    if path is not None and path.suffix == ".mp4":
+        return model.generate(videos=[path], prompts=[question], **settings)[0]
+    return model.generate(images=None if path is None else [path], prompts=[question], **settings)[0]
+
+
 def test_concurrent_requests_are_batched_and_each_equals_generate(tiny_server, served_model, media_root):
-    """Twelve clients at once: images (PNG, JPEG, WebP), text only and streamed, all answered as ``generate``
-    answers each alone, and the server ran them in batches."""
+    """Fourteen clients at once: images (PNG, JPEG, WebP), videos, text only, streamed or not, all answered as
+    ``generate`` answers each alone; the server ran them in batches of one kind each."""
     before = json.loads(get(tiny_server.url, "/health")[2])
-    cases = []
-    for i in range(12):
-        question = QUESTIONS[i % 3]
-        path = None if i % 4 == 3 else media_root / ["scene0.png", "scene2.png", "astronaut.jpg", "coffee.webp"][i % 4]
-        cases.append((question, path, i % 2 == 0))
+    names = ["scene0.png", "scene2.png", "astronaut.jpg", None, "coffee.webp", "clip.mp4", "scene3.png"]
+    cases = [
+        (QUESTIONS[i % 3], None if names[i % 7] is None else media_root / names[i % 7], i % 2 == 0) for i in range(14)
+    ]
 
     def run(case) -> str:
         question, path, stream = case
-        messages = ask(question, None if path is None else image_part(data_url(path)))
+        messages = ask(question, None if path is None else media_part(path))
         api = client(tiny_server)
         if stream:
             chunks = api.chat.completions.create(model="lynx-serve-tiny", messages=messages, stream=True)
@@ -153,8 +165,7 @@ def test_concurrent_requests_are_batched_and_each_equals_generate(tiny_server, s
     with ThreadPoolExecutor(len(cases)) as pool:
         answers = list(pool.map(run, cases))
     for (question, path, _), answer in zip(cases, answers):
-        images = None if path is None else [path]
-        assert answer == served_model.generate(images=images, prompts=[question])[0], (question, path)
+        assert answer == reference(served_model, question, path), (question, path)
     after = json.loads(get(tiny_server.url, "/health")[2])
     assert after["requests"] - before["requests"] == len(cases)
     assert after["batches"] - before["batches"] < len(cases), "concurrent requests were not batched"
