@@ -1,5 +1,6 @@
 """The chat page at ``/``, driven in headless Chromium (Debian's ``chromium`` and ``chromium-driver``, installed
-by ``.ci/run``): upload a scene, ask, see the answer stream in, ask again in the same conversation, pick an example.
+by ``.ci/run``): upload a video and ask about it, pick an example scene and ask a suggested question, upload a
+scene and ask two questions in one conversation; every answer must be the model's own.
 
 By default the page serves the tests' tiny variant; ``LYNX_ZOO_SERVE_VARIANT=lynx-demo`` serves another one, and
 ``LYNX_ZOO_SCREENSHOT=docs/serving-chat.png`` saves the final page (how docs/serving.md's screenshot is taken).
@@ -16,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from media import write_clip
 from PIL import Image
 
 from lynx_zoo.data.processor import Sample
@@ -114,19 +116,13 @@ def test_chat_page_uploads_a_scene_and_streams_the_answers(browser, page_server,
     assert driver.find_element(By.ID, "model-name").text.startswith(model_id(server))
     assert len(driver.find_elements(By.CSS_SELECTOR, "#examples button")) == 6
 
-    # upload a scene through the file input, as a person would
-    scene = tmp_path / "scene.png"
-    render_scene(random.Random(1), model.vision_config.image_size)[0].save(scene)
-    driver.find_element(By.ID, "file-input").send_keys(str(scene))
-    WebDriverWait(driver, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#preview img"))
-    first = "how many shapes are there?"
-    answer = _ask(driver, first, 1)
-    assert answer and answer == _reference(model, scene, first, [])
-    # a second question in the same conversation: the first turn is its history
-    second = "what color is the circle?"
-    assert _ask(driver, second, 2) == _reference(model, scene, second, [(first, answer)])
-    user_turns = driver.find_elements(By.CSS_SELECTOR, ".message.user")
-    assert [t.text for t in user_turns] == [first, second] and user_turns[0].find_elements(By.CSS_SELECTOR, "img")
+    # a video, when the variant reads them: the page sends it as a video_url data URL
+    if model.vision_config.num_frames:
+        clip = write_clip(tmp_path / "clip.mp4", size=model.vision_config.image_size)
+        driver.find_element(By.ID, "file-input").send_keys(str(clip))
+        WebDriverWait(driver, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#preview video"))
+        question = "how many shapes are there?"
+        assert _ask(driver, question, 1) == model.generate(videos=[clip], prompts=[question])[0]
 
     # an example scene starts a new conversation; its suggested questions fill the box
     driver.find_element(By.CSS_SELECTOR, "#examples button[data-name='scene-2']").click()
@@ -140,6 +136,20 @@ def test_chat_page_uploads_a_scene_and_streams_the_answers(browser, page_server,
     example = tmp_path / "scene-2.png"
     example.write_bytes(_example_png(server.url, "scene-2"))
     assert _answers(driver)[0] == _reference(model, example, question, [])
+
+    # upload a scene through the file input, as a person would, and talk about it
+    scene = tmp_path / "scene.png"
+    render_scene(random.Random(1), model.vision_config.image_size)[0].save(scene)
+    driver.find_element(By.ID, "file-input").send_keys(str(scene))
+    WebDriverWait(driver, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#preview img") and not _answers(d))
+    first = "how many shapes are there?"
+    answer = _ask(driver, first, 1)
+    assert answer and answer == _reference(model, scene, first, [])
+    # a second question in the same conversation: the first turn is its history
+    second = "what color is the circle?"
+    assert _ask(driver, second, 2) == _reference(model, scene, second, [(first, answer)])
+    user_turns = driver.find_elements(By.CSS_SELECTOR, ".message.user")
+    assert [t.text for t in user_turns] == [first, second] and user_turns[0].find_elements(By.CSS_SELECTOR, "img")
 
     target = os.environ.get("LYNX_ZOO_SCREENSHOT")
     if target:
