@@ -38,12 +38,12 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     """The request body as JSON, at most ``max_bytes`` long."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise RequestError(None, f"the request body is {declared} bytes, over the limit of {max_bytes}", 413)
+        raise RequestError("body", f"{declared} bytes, over the limit of {max_bytes} bytes", 413)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > max_bytes:
-            raise RequestError(None, f"the request body is over the limit of {max_bytes} bytes", 413)
+            raise RequestError("body", f"over the limit of {max_bytes} bytes", 413)
         chunks.append(chunk)
     try:
         return json.loads(b"".join(chunks))

@@ -38,9 +38,9 @@ SUPPORTED_FIELDS = {
 class RequestError(Exception):
     """A request the server refuses: ``status`` (400 unless said), the field at fault and what is wrong."""
 
-    def __init__(self, param: str | None, message: str, status: int = 400, code: str | None = None) -> None:
+    def __init__(self, param: str, message: str, status: int = 400, code: str | None = None) -> None:
         self.param, self.status, self.code = param, status, code
-        self.message = f"{param}: {message}" if param else message
+        self.message = f"{param}: {message}"
         super().__init__(self.message)
 
     def body(self) -> dict[str, Any]:
@@ -182,7 +182,7 @@ def _conversation(messages: Any) -> tuple[str, list[tuple[str, str]], list[Media
 def parse_chat_request(body: Any, served_name: str, settings: ServeSettings) -> ChatRequest:
     """Check a decoded request body; every problem is a :class:`RequestError` naming its field."""
     if not isinstance(body, dict):
-        raise RequestError(None, f"the request body must be a JSON object, got {type(body).__name__}")
+        raise RequestError("body", f"expected a JSON object, got {type(body).__name__}")
     model = body.get("model")
     if model not in (None, "", served_name):
         raise RequestError(
