@@ -562,6 +562,27 @@ def test_listening_socket_is_tcp_so_responses_are_not_delayed():
         assert sock.proto == socket.IPPROTO_TCP
 
 
+def test_a_checkpoint_is_served_too(in_process, make_tiny, tmp_path):
+    """``--variant RUN.ckpt``: a Lightning checkpoint as the CLI writes it (its class recorded as ``_class_path``)."""
+    import lightning as L
+
+    from lynx_zoo.serving import load_served_model
+    from lynx_zoo.serving.cli import served_name_of
+
+    trained = make_tiny(seed=1)  # weights whose answer is not empty
+    trained.hparams["_class_path"] = "lynx_zoo.PrefixLynx"
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_model_summary=False)
+    trainer.strategy.connect(trained)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    model = load_served_model(str(tmp_path / "last.ckpt"))
+    assert served_name_of(str(tmp_path / "last.ckpt")) == "last"
+    status, _, reply = post(in_process(model=model), {"messages": ask(QUESTIONS[1])})
+    assert status == 200
+    assert reply["choices"][0]["message"]["content"] == trained.eval().generate(prompts=[QUESTIONS[1]])[0]
+    with pytest.raises(ValueError, match="--dtype applies to variants"):
+        load_served_model(str(tmp_path / "last.ckpt"), dtype="bfloat16")
+
+
 # ---------------------------------------------------------------------------------------------- command line
 def test_serve_command_line_errors(served_variant, capsys):
     from lynx_zoo.serving import main
