@@ -29,6 +29,13 @@ class ServeSettings:
     dtype: str | None = field(
         default=None, metadata={"help": "the LLM's weight dtype (e.g. bfloat16); default: as saved"}
     )
+    threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "torch's intra-op threads (default: the cores less one, which is left to the HTTP loop and media "
+            "decoding)"
+        },
+    )
     served_name: str | None = field(
         default=None, metadata={"help": "the model id clients send and /v1/models lists (default: the variant's name)"}
     )
@@ -62,6 +69,8 @@ class ServeSettings:
     max_video_bytes: int = field(default=50 * MiB, metadata={"help": "the largest video file, in bytes"})
 
     def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"serve: --threads must be at least 1, got {self.threads}")
         for name in ("max_batch_size", "max_queue", "max_tokens_limit", "max_n", "max_image_bytes", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"serve: --{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
