@@ -61,7 +61,8 @@ def serve(settings: ServeSettings) -> None:
     name = settings.served_name or served_name_of(settings.variant)
     app = create_app(model, settings, name)
     batching = f"batches of up to {settings.max_batch_size}" if settings.max_batch_size > 1 else "batching off"
-    print(f"serving {name} on {base_url(sock)} ({batching}, {threads} torch threads; chat page at /)", flush=True)
+    threading = f"{threads} torch thread" + ("s" if threads > 1 else "")
+    print(f"serving {name} on {base_url(sock)} ({batching}, {threading}; chat page at /)", flush=True)
     uvicorn_server(app).run(sockets=[sock])
 
 
