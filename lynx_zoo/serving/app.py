@@ -19,7 +19,7 @@ from lynx_zoo.fusion.base import LynxModel
 from lynx_zoo.generation import generation_settings
 from lynx_zoo.serving.engine import Delta, Engine, Failed, Finished, Job, Overloaded
 from lynx_zoo.serving.examples import example_scenes
-from lynx_zoo.serving.media import MediaPolicy, load_media
+from lynx_zoo.serving.media import MediaPolicy, load_media, reads_quickly
 from lynx_zoo.serving.protocol import (
     RequestError,
     chunk_body,
@@ -154,7 +154,9 @@ def create_app(model: LynxModel, settings: ServeSettings, served_name: str) -> F
         generation = generation_for(chat, defaults)
         engine.check_capacity()  # before reading any media
         media = None
-        if chat.media is not None:
+        if chat.media is not None and reads_quickly(chat.media):
+            media = load_media(chat.media, policy, model.processor.image_transform)
+        elif chat.media is not None:
             media = await run_in_threadpool(load_media, chat.media, policy, model.processor.image_transform)
         job = Job(chat, media, generation, asyncio.get_running_loop())
         engine.submit(job)

@@ -63,7 +63,7 @@ def serve(settings: ServeSettings) -> None:
     batching = f"batches of up to {settings.max_batch_size}" if settings.max_batch_size > 1 else "batching off"
     threading = f"{threads} torch thread" + ("s" if threads > 1 else "")
     print(f"serving {name} on {base_url(sock)} ({batching}, {threading}; chat page at /)", flush=True)
-    uvicorn_server(app).run(sockets=[sock])
+    uvicorn_server(app, access_log=settings.access_log).run(sockets=[sock])
 
 
 def main(argv: list[str]) -> int:

@@ -34,8 +34,10 @@ def base_url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def uvicorn_server(app: FastAPI, log_level: str = "info") -> uvicorn.Server:
-    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+def uvicorn_server(app: FastAPI, log_level: str = "info", access_log: bool = False) -> uvicorn.Server:
+    """uvicorn serving ``app`` (with httptools and uvloop when installed, as the ``serve`` extra does)."""
+    config = uvicorn.Config(app, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=5)
+    return uvicorn.Server(config)
 
 
 @contextmanager

@@ -43,6 +43,9 @@ class ServeSettings:
         default=None,
         metadata={"help": "default generation preset (lynx, lynx-sampled, greedy); default: the variant's own"},
     )
+    access_log: bool = field(
+        default=False, metadata={"help": "log a line per request (off: at hundreds of requests a second it is noise)"}
+    )
     max_batch_size: int = field(
         default=8, metadata={"help": "most sequences generated together (1: batching off, one request at a time)"}
     )
