@@ -86,6 +86,7 @@ COMMANDS: dict[str, Command] = {
     "test": Command("run a model's test loop on a DataModule (LightningCLI)", _lightning("test"), ()),
     "predict": Command("run a model's predict loop on a DataModule (LightningCLI)", _lightning("predict"), ()),
     "ask": Command("answer a question about an image or video file", _lazy("lynx_zoo.hub.cli", "ask_main")),
+    "serve": Command("serve a model: OpenAI-compatible API and a chat page", _lazy("lynx_zoo.serving", "main")),
     "chat": Command("answer questions read from stdin, one a line", _lazy("lynx_zoo.hub.cli", "chat_main")),
     "evaluate": Command(
         "evaluate models on benchmarks (VQA, Open-VQA, MME, OwlEval)",
