@@ -21,6 +21,7 @@ from typing import Any
 
 import openai
 import pytest
+import torch
 from PIL import Image, PngImagePlugin
 
 from lynx_zoo.data.processor import Sample
@@ -411,9 +412,8 @@ def test_cross_attention_variant_batches_and_streams(in_process, make_tiny, medi
     from lynx_zoo.fusion.cross_attn import CrossAttnConfig
 
     model = make_tiny(CrossAttnLynx, seed=1, cross_attn=CrossAttnConfig(every=2, num_heads=2, head_dim=8))
-    for block in model.blocks():  # open the gates (0 at initialisation), so that the images matter
+    for block in model.fusion_blocks().values():  # open the attention gates (0 at init), so that the images matter
         block.attn_gate.data.fill_(1.0)
-        block.ff_gate.data.fill_(1.0)
     model.eval()
     url = in_process(model=model, max_wait_ms=300)
     api = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
@@ -580,8 +580,7 @@ def test_a_checkpoint_is_served_too(in_process, make_tiny, tmp_path):
     status, _, reply = post(in_process(model=model), {"messages": ask(QUESTIONS[1])})
     assert status == 200
     assert reply["choices"][0]["message"]["content"] == trained.eval().generate(prompts=[QUESTIONS[1]])[0]
-    with pytest.raises(ValueError, match="--dtype applies to variants"):
-        load_served_model(str(tmp_path / "last.ckpt"), dtype="bfloat16")
+    assert load_served_model(str(tmp_path / "last.ckpt"), dtype="bfloat16").llm.dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------------------------------------- command line
