@@ -11,7 +11,7 @@ sharding, activation checkpointing, FLOP counting and the model cards read that 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -376,9 +376,3 @@ class LynxModel(L.LightningModule):
                 self.log(f"val/acc/{category}", value)
         self.val_accuracy.reset()
 
-
-def iter_fusion_classes(base: type[LynxModel] = LynxModel) -> Iterator[type[LynxModel]]:
-    """Every subclass of ``base`` defined so far (imported), depth first."""
-    for sub in base.__subclasses__():
-        yield sub
-        yield from iter_fusion_classes(sub)
