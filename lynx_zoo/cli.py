@@ -94,6 +94,11 @@ COMMANDS: dict[str, Command] = {
         (OSError, ValueError, RuntimeError, ImportError),  # a judge's failures are RuntimeErrors (JudgeError)
     ),
     "report": Command("tables and charts of evaluation results", _lazy("lynx_zoo.evaluation.cli", "report_main")),
+    "lmms-task": Command(
+        "write lmms-eval tasks from VQA manifests and MME folders",
+        _lazy("lynx_zoo.evaluation.lmms_tasks", "main"),
+        (OSError, ValueError, ImportError),
+    ),
     "stages": Command("train a grid row through the paper's stages", _lazy("lynx_zoo.stages", "main")),
     "data": Command(
         "prepare data sets for streaming (data prepare KIND INPUT... --output DIR)",
