@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -136,15 +137,15 @@ def test_bad_images_inside_tar_shards_are_skipped_and_counted(media, tmp_path):
 
 
 def test_bad_and_truncated_videos_are_skipped_and_num_frames_0_is_an_error(media):
-    records = [{"video": v, "question": "what happens?", "answer": "it moves"} for v in ("clip.mp4", "cut.mp4")]
-    records.append({"video": "img/text.png", "question": "what happens?", "answer": "it moves"})
+    videos = ("clip.mp4", "cut.mp4", "img/text.png", "gone.mp4")
+    records = [{"video": v, "question": "what happens?", "answer": "it moves"} for v in videos]
     manifest = write_jsonl(media["root"] / "videos.jsonl", records)
     source = VideoQASource(str(manifest))
     source.prepare(LoadContext(to_tensor, num_frames=3, training=False))
-    loaded = [source[i] for i in range(3)]
+    loaded = [source[i] for i in range(len(videos))]
     assert isinstance(loaded[0], Sample) and loaded[0].image.shape[0] == 3
-    assert [s.reason for s in loaded[1:]] == ["unreadable_video", "unreadable_video"]
-    assert "cut.mp4" in loaded[1].detail and "text.png" in loaded[2].detail
+    assert [s.reason for s in loaded[1:]] == ["unreadable_video"] * 3
+    assert "cut.mp4" in loaded[1].detail and "text.png" in loaded[2].detail and "not found" in loaded[3].detail
     with pytest.raises(ConfigError, match="video data needs vision.num_frames >= 1 frames per clip, got 0"):
         VideoQASource(str(manifest)).prepare(LoadContext(to_tensor, num_frames=0))
 
@@ -234,9 +235,7 @@ def test_a_run_without_an_optimizer_step_fails_with_the_reason(make_tiny, media,
     with pytest.raises(TrainingFailed, match="no optimizer step: all 2 training batches of this run were empty"):
         fit(make_tiny(), all_bad, tmp_path, max_epochs=1)
     too_few = data_module(media, bad=0, good=3)  # fewer samples than one batch (drop_last)
-    with pytest.raises(
-        TrainingFailed, match=r"no optimizer step: the training data gave no batch \(training samples: 3"
-    ):
+    with pytest.raises(TrainingFailed, match=r"gave no batch \(3 training samples for batches of 4, the last"):
         fit(make_tiny(), too_few, tmp_path, max_epochs=1)
 
 
@@ -403,6 +402,18 @@ def overlay(tmp_path: Path, text: str) -> str:
 )
 def test_a_bad_config_value_is_one_line_naming_key_value_and_expectation(tmp_path, args, expected):
     assert expected in fit_error(tmp_path, *args)
+
+
+def test_a_strict_error_in_a_dataloader_worker_is_one_line_naming_the_file(tmp_path):
+    from lynx_zoo.data.shapes import write_shapes_vqa
+
+    write_shapes_vqa(tmp_path / "shapes", num_train=32, num_val=8, image_size=32, seed=0)
+    (tmp_path / "shapes" / "params.txt").write_text("num_train=32 num_val=8 image_size=32 seed=0")  # as prepare_data
+    for image in (tmp_path / "shapes" / "images").glob("train_*.png"):
+        image.write_bytes(b"")  # every training image: the first batch meets one
+    message = fit_error(tmp_path, "--data.init_args.strict=true", "--data.init_args.num_workers=1")
+    assert message.startswith("source train: ") and "Traceback" not in message
+    assert re.search(r"train.jsonl: \S+/images/train_\d{6}.png: cannot read image: UnidentifiedImageError", message)
 
 
 def test_an_unknown_class_in_yaml_and_a_misspelt_section_are_named(tmp_path):

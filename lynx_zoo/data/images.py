@@ -80,4 +80,5 @@ def open_rgb(
     except Exception as err:
         if is_programming_error(err):
             raise
-        raise MediaError(f"{where}: cannot read image: {type(err).__name__}: {err}") from err
+        reason = str(err).replace(f" '{where}'", "")  # PIL repeats the path
+        raise MediaError(f"{where}: cannot read image: {type(err).__name__}: {reason}") from err

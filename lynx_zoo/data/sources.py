@@ -230,7 +230,7 @@ class MediaSource(ManifestSource):
         try:
             media = self.read_media(path, seed)
         except (OSError, ValueError) as err:  # a MediaError (VideoError) is an OSError
-            return self.skip(media_reason(err, self.media_field), f"{self.manifest}: cannot read {path}: {err}")
+            return self.skip(media_reason(err, self.media_field), f"{self.manifest}: {unreadable(path, err)}")
         return self.sample(index, record, self.instruction(str(record.get("question") or ""), seed), media)
 
 
@@ -363,7 +363,7 @@ class ConversationSource(ManifestSource):
         try:
             pixels = self.read_image(path, seed)
         except (OSError, ValueError) as err:
-            return self.skip(media_reason(err, "image"), f"{self.manifest}: cannot read image {path}: {err}")
+            return self.skip(media_reason(err, "image"), f"{self.manifest}: {unreadable(path, err)}")
         pairs = conversation_pairs(record["conversations"])
         return Sample(
             instruction=pairs[-1][0],
@@ -456,6 +456,11 @@ class ShardSource(Source):
         if not answer:
             return self.skip("empty_answer", f"{where}: empty answer")
         return Sample(self.instruction(question, seed), answer, pixels, id=key, source=self.name)
+
+
+def unreadable(path: Path, error: Exception) -> str:
+    """What is wrong with the media file ``path``, named once."""
+    return str(error) if str(path) in str(error) else f"cannot read {path}: {error}"
 
 
 def media_reason(error: Exception, kind: str) -> str:

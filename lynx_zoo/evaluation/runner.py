@@ -348,7 +348,7 @@ class Evaluator:
         details = {
             c: {
                 "correct": int(metric.correct[k]),
-                "judged": int(metric.total[k]),
+                "total": int(metric.total[k]),  # judged: the accuracy's denominator
                 "judge_failures": count("failed", c),
                 "skipped": count("skipped", c),
             }

@@ -165,24 +165,24 @@ class SkippedSampleReport(L.Callback):
                 "see the data/skipped/* metrics and the warnings above)"
             )
         if not batches and trainer.global_step == 0:
-            raise TrainingFailed(
-                f"no optimizer step: the training data gave no batch (training samples: "
-                f"{_training_samples(trainer)}, batch_size and drop_last, limit_train_batches="
-                f"{trainer.limit_train_batches})"
-            )
+            raise TrainingFailed(f"no optimizer step: the training data gave no batch ({_data_size(trainer)})")
 
 
 def _asked_to_train(trainer: L.Trainer) -> bool:
     return trainer.max_steps != 0 and trainer.max_epochs != 0 and trainer.limit_train_batches != 0
 
 
-def _training_samples(trainer: L.Trainer) -> str:
+def _data_size(trainer: L.Trainer) -> str:
+    """How much training data there was, for the message of a run that got no batch."""
     loader = trainer.train_dataloader
-    dataset = getattr(loader, "dataset", None)
     try:
-        return str(len(dataset))
-    except TypeError:
-        return "unknown"
+        samples = f"{len(loader.dataset)} training samples"
+    except (AttributeError, TypeError):
+        samples = "an empty training set"
+    batch_size = getattr(loader, "batch_size", None)
+    if batch_size and getattr(loader, "drop_last", False):
+        samples += f" for batches of {batch_size}, the last partial batch dropped"
+    return f"{samples}; limit_train_batches={trainer.limit_train_batches}"
 
 
 def _listed(counts: dict[str, int]) -> str:
@@ -200,5 +200,6 @@ def _summed(counts: Counter) -> Counter:
 
 def _reduced(trainer: L.Trainer, *values: int) -> list[int]:
     """``values`` summed over the ranks, so that every rank takes the same decision."""
-    total = trainer.strategy.reduce(torch.tensor(values, dtype=torch.long, device=trainer.strategy.root_device), "sum")
+    counts = torch.tensor(values, dtype=torch.long, device=trainer.strategy.root_device)
+    total = trainer.strategy.reduce(counts, reduce_op="sum")
     return [int(v) for v in total.tolist()]
