@@ -276,7 +276,7 @@ def test_an_empty_batch_answers_nothing_and_degenerate_images_are_named(make_tin
         model.generate([torch.zeros(3, 0, 5)], ["a?"])
     with pytest.raises(OSError, match=r"bomb.png: .*(max_image_pixels=89478485)"):
         model.generate([media["root"] / "img" / "bomb.png"], ["a?"])
-    with pytest.raises(OSError, match="truncated.png: cannot read image"):
+    with pytest.raises(OSError, match="truncated.png: not a readable image"):
         model.generate([media["root"] / "img" / "truncated.png"], ["a?"])
 
 
@@ -304,7 +304,7 @@ def test_an_unreadable_benchmark_image_is_skipped_and_recorded(media, tiny_ckpt,
     assert path.name == "alpha__open.json"
     assert record["num_samples"] == 5 and record["num_skipped"] == 1 and record["num_judged"] == 4
     assert record["skipped"] == [{"id": "q1", "image": "img/truncated.png", "error": record["skipped"][0]["error"]}]
-    assert "truncated.png: cannot read image" in record["skipped"][0]["error"]
+    assert "truncated.png: not a readable image" in record["skipped"][0]["error"]
     rows = [json.loads(line) for line in (tmp_path / record["predictions"]).read_text().splitlines()]
     assert [r["verdict"] == "skipped" for r in rows] == [False, True, False, False, False]
     assert rows[1]["prediction"] is None and "truncated.png" in rows[1]["error"]
@@ -413,7 +413,7 @@ def test_a_strict_error_in_a_dataloader_worker_is_one_line_naming_the_file(tmp_p
         image.write_bytes(b"")  # every training image: the first batch meets one
     message = fit_error(tmp_path, "--data.init_args.strict=true", "--data.init_args.num_workers=1")
     assert message.startswith("source train: ") and "Traceback" not in message
-    assert re.search(r"train.jsonl: \S+/images/train_\d{6}.png: cannot read image: UnidentifiedImageError", message)
+    assert re.search(r"train.jsonl: cannot read \S+/images/train_\d{6}.png: not a readable image \(Unidentified", message)
 
 
 def test_an_unknown_class_in_yaml_and_a_misspelt_section_are_named(tmp_path):

@@ -81,4 +81,4 @@ def open_rgb(
         if is_programming_error(err):
             raise
         reason = str(err).replace(f" '{where}'", "")  # PIL repeats the path
-        raise MediaError(f"{where}: cannot read image: {type(err).__name__}: {reason}") from err
+        raise MediaError(f"{where}: not a readable image ({type(err).__name__}: {reason})") from err

@@ -459,8 +459,8 @@ class ShardSource(Source):
 
 
 def unreadable(path: Path, error: Exception) -> str:
-    """What is wrong with the media file ``path``, named once."""
-    return str(error) if str(path) in str(error) else f"cannot read {path}: {error}"
+    """``cannot read <path>: <what is wrong>``, the path named once."""
+    return f"cannot read {path}: {str(error).removeprefix(f'{path}: ')}"
 
 
 def media_reason(error: Exception, kind: str) -> str:
