@@ -24,9 +24,10 @@ import torch
 import yaml
 from conftest import REPO, tiny_checkpoint
 from eval_fixtures import ChatServer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from media import photo, save_photos, to_tensor, write_broken_images, write_clip, write_jsonl
 from PIL import Image
-from run_helpers import trainer
+from run_helpers import StopAt, trainer
 
 from lynx_zoo.cli import main
 from lynx_zoo.data import (
@@ -413,7 +414,7 @@ def test_a_strict_error_in_a_dataloader_worker_is_one_line_naming_the_file(tmp_p
         image.write_bytes(b"")  # every training image: the first batch meets one
     message = fit_error(tmp_path, "--data.init_args.strict=true", "--data.init_args.num_workers=1")
     assert message.startswith("source train: ") and "Traceback" not in message
-    assert re.search(r"train.jsonl: cannot read \S+/images/train_\d{6}.png: not a readable image \(Unidentified", message)
+    assert re.search(r"train.jsonl: cannot read \S+/images/train_\d{6}.png: not a readable image \(Unid", message)
 
 
 def test_an_unknown_class_in_yaml_and_a_misspelt_section_are_named(tmp_path):
@@ -461,6 +462,40 @@ def test_the_next_save_removes_what_a_killed_save_left_behind(tmp_path):
     plugin.save_checkpoint({"step": 1}, tmp_path / "last.ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == [in_progress.name, "last.ckpt"]
     assert plugin.load_checkpoint(tmp_path / "last.ckpt") == {"step": 1}
+
+
+# ---------------------------------------------------------------------------------------- 2. resume
+class BatchIds(L.Callback):
+    """The sample ids of each training batch."""
+
+    def __init__(self) -> None:
+        self.ids: list[list[str]] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.ids.append(list(batch["ids"]))
+
+
+@pytest.mark.parametrize("stop", [3, 4], ids=["mid-epoch", "at-a-limited-epochs-end"])
+def test_the_vqa_loader_resumes_with_the_next_unseen_batch(make_tiny, shapes_root, tmp_path, stop):
+    def data() -> VQADataModule:
+        return VQADataModule(str(shapes_root / "train.jsonl"), batch_size=16, num_workers=0, seed=3)
+
+    full, first, rest = BatchIds(), BatchIds(), BatchIds()
+    options = dict(max_steps=10, limit_train_batches=4)  # epochs of 4 of the 16 batches
+    model = make_tiny()
+    trainer(tmp_path / "full", callbacks=[full], **options).fit(model, datamodule=data())
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=stop, filename="{step}")
+    trainer(tmp_path / "a", callbacks=[first, checkpoint, StopAt(stop)], enable_checkpointing=True, **options).fit(
+        make_tiny(), datamodule=data()
+    )
+    resumed = make_tiny()
+    trainer(tmp_path / "b", callbacks=[rest], **options).fit(
+        resumed, datamodule=data(), ckpt_path=tmp_path / "ckpt" / f"step={stop}.ckpt"
+    )
+    assert first.ids == full.ids[:stop] and rest.ids == full.ids[stop:]  # nothing repeated or missed
+    assert full.ids[:4] != full.ids[4:8]  # each epoch its own order
+    for (name, a), b in zip(model.trainable_parameters(), [p for _, p in resumed.trainable_parameters()]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
 
 
 # ------------------------------------------------------------------------------ 2. kill and resume (slow)

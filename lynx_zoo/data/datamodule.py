@@ -111,8 +111,16 @@ class ResumableLoader(DataLoader):
                 "differs, so some samples will be repeated or skipped",
                 changed,
             )
-        finished = state["batches_done"] >= len(self)
+        finished = state["batches_done"] >= self._epoch_batches()
         sampler.start = 0 if finished else state["batches_done"] * self.batch_size
+
+    def _epoch_batches(self) -> int:
+        """The batches of an epoch the trainer takes (``limit_train_batches`` may end it early)."""
+        trainer = self.datamodule.trainer
+        limit = trainer.limit_train_batches if trainer is not None else 1.0
+        if isinstance(limit, int):
+            return min(len(self), limit)
+        return int(len(self) * limit)
 
 
 class VQADataModule(LynxDataModule):
