@@ -13,6 +13,8 @@ from typing import Any
 
 REQUIRED_KEYS = ("variant", "benchmark", "kind", "unit", "summary", "metrics")
 UNIT_LABELS = {"accuracy": "accuracy (%)", "score": "MME score (max 200 per subtask)"}
+# counts of a results file shown as their own columns: key -> column name
+COUNT_COLUMNS = {"judge_failures": "judge failures", "num_skipped": "skipped"}
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,13 @@ def load_results(paths: Sequence[str | Path]) -> list[Result]:
     return results
 
 
+def _shows_count(results: Sequence[Result], key: str) -> bool:
+    """A count column is shown for every judged benchmark (judge failures), or where any result counts some."""
+    return any(r.data.get(key) for r in results) or (
+        key == "judge_failures" and any(r.data.get("kind") == "openvqa" for r in results)
+    )
+
+
 def _format(value: float | None, unit: str) -> str:
     if value is None or math.isnan(value):
         return "–"
@@ -81,24 +90,32 @@ def markdown_table(results: Sequence[Result], out_dir: Path) -> str:
     variants = _ordered([r.variant for r in results])
     benchmarks = _ordered([r.benchmark for r in scored])
     by_key = {(r.variant, r.benchmark): r for r in results}
-    columns: list[tuple[str, str, str]] = []  # (benchmark, section, metric)
+    columns: list[tuple[str, str, str]] = []  # (benchmark, section, metric); section "counts": a count column
     for bench in benchmarks:
         of_bench = [r for r in scored if r.benchmark == bench]
         for section in ("summary", "metrics"):
             columns.extend((bench, section, m) for m in _ordered([m for r in of_bench for m in r.data[section]]))
-    lines = ["| variant | " + " | ".join(f"{b}: {m}" for b, _, m in columns) + " |", "|---" * (1 + len(columns)) + "|"]
+        columns.extend((bench, "counts", key) for key in COUNT_COLUMNS if _shows_count(of_bench, key))
+    header = [f"{b}: {COUNT_COLUMNS.get(m, m) if s == 'counts' else m}" for b, s, m in columns]
+    lines = ["| variant | " + " | ".join(header) + " |", "|---" * (1 + len(columns)) + "|"]
     configs = {r.variant: r.data["run_config"] for r in results if r.data.get("run_config")}
     for variant in variants:
         name = f"[{variant}]({_link(configs[variant], out_dir)})" if variant in configs else variant
         cells = []
         for bench, section, metric in columns:
             result = by_key.get((variant, bench))
-            value = result.data[section].get(metric) if result else None
-            cells.append(_format(value, result.data["unit"]) if result else "–")
+            if result is None:
+                cells.append("–")
+            elif section == "counts":
+                cells.append(f"{result.data.get(metric, 0)} of {result.data.get('num_samples', '?')}")
+            else:
+                cells.append(_format(result.data[section].get(metric), result.data["unit"]))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     notes = [
-        "Variants link to their run configs. Accuracy in %; MME scores as the official tool (subtask max 200, "
-        "perception max 2000, cognition max 800). '–': not evaluated."
+        "Variants link to their run configs. Accuracy in %, of the answers the judge judged (its failures are "
+        "counted apart, never as wrong answers); MME scores as the official tool (subtask max 200, perception max "
+        "2000, cognition max 800). '–': not evaluated, or nothing judged. Skipped: questions whose image could not "
+        "be read (listed in the results file)."
     ]
     runs = ["| variant | benchmark | model | run config | samples |", "|---|---|---|---|---|"]
     for r in results:
