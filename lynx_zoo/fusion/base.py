@@ -378,4 +378,3 @@ class LynxModel(L.LightningModule):
             if category != "overall" and torch.isfinite(value):
                 self.log(f"val/acc/{category}", value)
         self.val_accuracy.reset()
-
