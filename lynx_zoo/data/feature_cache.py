@@ -222,6 +222,9 @@ class FeatureCacheSource(Source):
 
     def prepare(self, context: LoadContext) -> None:
         super().prepare(context)
+        self._read_index()
+
+    def _read_index(self) -> None:
         if self.index:
             return
         self.index = read_index(self.path)
@@ -239,8 +242,7 @@ class FeatureCacheSource(Source):
     def check_tower(self, tower: VisionEncoder) -> None:
         """Raise a :class:`DataError` unless ``tower`` is the frozen tower that made the cache, and trains on the
         transform the cache used (no random crop)."""
-        if not self.index:
-            self.index = read_index(self.path)
+        self._read_index()
         if tower.config.trainable:
             raise DataError(f"{self.path}: a feature cache needs a frozen tower, but vision.trainable is true")
         if tower.config.train_crop:

@@ -34,7 +34,7 @@ def sources_of(kind: str, inputs: list[str], root: str | None, task: str | None)
 
         return [PreparedSource(path, task=task or "") for path in inputs]
     classes = {"image_text": ImageTextSource, "video_qa": VideoQASource, "conversation": ConversationSource}
-    return [classes[kind](path, root=root, task=task or "") for path in inputs]
+    return [classes[kind](path, root=root, name=Path(path).stem, task=task or "") for path in inputs]
 
 
 def main(argv: list[str]) -> int:
