@@ -114,9 +114,9 @@ def lynx_model(seed: int = 0, llm_trainable: bool = False, bridge: Any = None, m
     )
 
 
-def llava_model(vocab_size: int, seed: int = 0) -> Any:
+def llava_model(vocab_size: int, seed: int = 0, llm_trainable: bool = False) -> Any:
     """HF transformers' LLaVA of the same shapes: CLIP tower (last layer, patch tokens), MLP projector, LLaMA;
-    the tower and the LLM frozen, the projector trained, as in the lynx_zoo model."""
+    the tower and the LLM frozen (or the LLM trainable), the projector trained, as in the lynx_zoo model."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -140,6 +140,9 @@ def llava_model(vocab_size: int, seed: int = 0) -> Any:
     model = LlavaForConditionalGeneration(config)
     model.requires_grad_(False)
     model.model.multi_modal_projector.requires_grad_(True)
+    if llm_trainable:
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
     return model
 
 

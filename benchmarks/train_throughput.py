@@ -14,8 +14,9 @@ Data (:func:`make_samples`, seeded; lengths in LLaMA tokens: each random word is
 Only answer tokens (each with its ``</s>``) are targets. The prompt format is lynx_zoo's (``User: ...\\nBot:``) for
 both systems: the same token ids, with LLaVA's image placeholders (one per visual token) before the text.
 
-Models (random weights, no download): a frozen ViT-S/16 tower at 224 px (196 patch tokens), a frozen 8-layer
-width-512 LLaMA with the 32,000-token LLaMA vocabulary (+ ``[PAD]``), and a trainable bridge, AdamW:
+Models (random weights, no download): a frozen ViT-S/16 tower at 224 px (196 patch tokens), an 8-layer width-512
+LLaMA with the 32,000-token LLaMA vocabulary (+ ``[PAD]``) and a bridge, the LLM and the bridge trained (LLaVA-1.5's
+instruction-tuning stage, the one that trains on LLaVA-665K), AdamW:
 
 ========================  ===========================================================================================
 ``hf_llava``              HF LLaVA (CLIP tower, MLP projector, LLaMA): right-padded batches, the loss from the logits
@@ -28,13 +29,15 @@ width-512 LLaMA with the 32,000-token LLaMA vocabulary (+ ``[PAD]``), and a trai
 ========================  ===========================================================================================
 
 Rounds: global batches of ``--batch`` samples drawn by lynx_zoo's :class:`ModalityLengthGroupedSampler` (one modality,
-lengths grouped in megabatches: what LLaVA-1.5's trainer does with ``group_by_modality_length``). Every arm takes one
-optimizer step per round on the same rounds, collation included in its time. The arms run interleaved round by
-round in one process (the machine is shared: contention hits all alike); ``lynx_resampler_packed`` also trains
-through the Lightning Trainer, and its bare loop is the overhead baseline. The first ``--warmup`` rounds are not
-counted. Throughput is over the measured rounds: samples (target tokens) / the arm's total time.
+lengths grouped in megabatches: what LLaVA-1.5's trainer does with ``group_by_modality_length``); of the ``--rounds``
+measured ones about 10 % (at least one) are text-only. Every arm takes one optimizer step per round on the same
+rounds, collation included in its time, after ``--warmup`` rounds of other image samples that are not counted. The
+arms run interleaved round by round in one process (the machine is shared: contention hits all alike);
+``lynx_resampler_packed`` also trains through the Lightning Trainer, and its bare loop is the overhead baseline.
+Throughput is over the measured rounds: samples (target tokens) / the arm's total time.
 
-Peak memory: each arm in a fresh process, one step on the round with the most tokens after a warm-up step on it:
+Peak memory: each arm in a fresh process, one step on the measured image round with the most tokens after a warm-up
+step on it (the same samples for every arm):
 the growth of the resident set (``VmHWM`` after resetting it, minus ``VmRSS`` before the step), with glibc's mmap
 threshold fixed so that freed tensors go back to the system.
 
@@ -131,15 +134,33 @@ def _halved(text: str) -> str:
     return " ".join(words[: max(1, len(words) // 2)])
 
 
-def rounds_of(samples: list[Sample], processor: Any, batch: int, count: int, seed: int) -> list[list[Sample]]:
-    """The first ``count`` global batches of the modality- and length-grouped sampler."""
+def rounds_of(samples: list[Sample], processor: Any, batch: int, seed: int) -> list[list[Sample]]:
+    """All global batches of ``samples`` (each modality a multiple of ``batch``) from the modality- and length-grouped
+    sampler, in its order (the batch with the longest sample first)."""
     lengths = [len(processor.encode(s)[0]) + (0 if s.image is None else image_tokens()) for s in samples]
     modalities = ["text" if s.image is None else "image" for s in samples]
     sampler = ModalityLengthGroupedSampler(lengths, modalities, batch, megabatch=8, seed=seed)
-    rounds = [[samples[i] for i in b] for b in sampler][:count]
-    if len(rounds) < count:
-        raise SystemExit(f"{len(samples)} samples make {len(rounds)} rounds; {count} asked for")
-    return rounds
+    return [[samples[i] for i in b] for b in sampler]
+
+
+def sample_sets(args: argparse.Namespace, processor: Any) -> tuple[list[list[Sample]], list[list[Sample]]]:
+    """The warm-up rounds (image samples) and the measured rounds: ``--rounds`` global batches of which about 10 %
+    (at least one) are text-only, each set drawn from its own samples."""
+    text_batches = max(1, round(0.1 * args.rounds))
+    need = {"text": text_batches * args.batch, "image": (args.rounds - text_batches + args.warmup) * args.batch}
+    pool: list[Sample] = []
+    seed = args.seed
+    while sum(s.image is None for s in pool) < need["text"] or sum(s.image is not None for s in pool) < need["image"]:
+        pool += make_samples(4 * args.batch, seed, processor, 224)
+        seed += 1000
+    texts = [s for s in pool if s.image is None][: need["text"]]
+    images = [s for s in pool if s.image is not None][: need["image"]]
+    warmup = images[: args.warmup * args.batch]
+    measured = texts + images[args.warmup * args.batch :]
+    return (
+        rounds_of(warmup, processor, args.batch, args.seed) if warmup else [],
+        rounds_of(measured, processor, args.batch, args.seed),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- arms
@@ -181,10 +202,9 @@ def llava_collate(processor: Any, image_token: int) -> Callable[[list[Sample]], 
 def build_arm(name: str, args: argparse.Namespace, processor: Any) -> Arm:
     """The arm ``name`` with fixed random weights (``processor``: lynx_zoo's, whose token ids HF LLaVA gets too)."""
     if name == HF:
-        model = llava_model(len(processor.tokenizer))
+        model = llava_model(len(processor.tokenizer), llm_trainable=True)
         model.train()
-        model.model.vision_tower.eval()
-        model.model.language_model.eval()
+        model.model.vision_tower.eval()  # frozen, as lynx_zoo keeps its frozen tower
         collate = llava_collate(processor, model.config.image_token_index)
 
         def hf_loss(batch: dict[str, Any]) -> torch.Tensor:
@@ -194,14 +214,14 @@ def build_arm(name: str, args: argparse.Namespace, processor: Any) -> Arm:
 
         return Arm(model, collate, hf_loss)
     bridge = RESAMPLER if "resampler" in name else None
-    model = lynx_model(bridge=bridge, max_length=args.max_length)
+    model = lynx_model(llm_trainable=True, bridge=bridge, max_length=args.max_length)
     model.train()
     full = name.endswith("full_logits")
     collate: Callable = model.processor
     if "packed" in name:
         collate = PackingCollate(model.processor, args.pack_tokens, model.media_tokens_in_sequence)
     if name.endswith("compiled"):
-        compile_regions(model, ["llm_layers"])
+        compile_regions(model, ["llm_layers"], dynamic=True)  # packed rows change shape every step
     return Arm(model, collate, lambda batch: model(**model_inputs(batch), return_logits=full).loss)
 
 
@@ -270,8 +290,7 @@ def measure_memory(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     processor = lynx_model(max_length=args.max_length).processor
     arm = build_arm(args.memory_arm, args, processor)
-    samples = make_samples(args.samples, args.seed, processor, 224)
-    round_ = rounds_of(samples, processor, args.batch, args.warmup + args.rounds, args.seed)[args.memory_round]
+    round_ = sample_sets(args, processor)[1][args.memory_round]
     step = bare_loop(arm, 4)
     step(round_)  # warm-up: optimizer state, allocator pools
 
@@ -289,7 +308,7 @@ def measure_memory(args: argparse.Namespace) -> None:
 def peak_memory(name: str, args: argparse.Namespace, round_index: int) -> float:
     """MB, measured by :func:`measure_memory` in a child process."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
-    shared = ("batch", "rounds", "warmup", "samples", "seed", "max_length", "pack_tokens", "threads")
+    shared = ("batch", "rounds", "warmup", "seed", "max_length", "pack_tokens", "threads")
     options = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in shared]
     command = [sys.executable, __file__, "--memory-arm", name, "--memory-round", str(round_index), *options]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
@@ -300,12 +319,11 @@ def peak_memory(name: str, args: argparse.Namespace, round_index: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=8, help="samples per round (global batch)")
-    parser.add_argument("--rounds", type=int, default=8, help="measured rounds")
-    parser.add_argument("--warmup", type=int, default=2, help="rounds not counted")
-    parser.add_argument("--samples", type=int, default=160, help="samples drawn (the rounds are the sampler's first)")
+    parser.add_argument("--rounds", type=int, default=6, help="measured rounds")
+    parser.add_argument("--warmup", type=int, default=1, help="rounds before them, not counted")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-length", type=int, default=512, help="text tokens per sample")
-    parser.add_argument("--pack-tokens", type=int, default=768, help="LLM tokens per packed row")
+    parser.add_argument("--pack-tokens", type=int, default=1024, help="LLM tokens per packed row")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--compile", action="store_true", help="add an arm with compiled decoder layers")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
@@ -320,8 +338,8 @@ def main() -> None:
 
     processor = lynx_model(max_length=args.max_length).processor
     lightning_model = build_arm(LIGHTNING_ARM, args, processor)
-    samples = make_samples(args.samples, args.seed, processor, 224)
-    rounds = rounds_of(samples, processor, args.batch, args.warmup + args.rounds, args.seed)
+    warmup_rounds, measured_rounds = sample_sets(args, processor)
+    rounds = warmup_rounds + measured_rounds
     names = arm_names(args)
     arms = {name: build_arm(name, args, processor) for name in names}
     steps = len(rounds)
@@ -348,7 +366,8 @@ def main() -> None:
     w = args.warmup
     totals = {name: sum(times[w:]) for name, times in interleave.times.items()}
     facts = {name: [f for f in per_round[w:]] for name, per_round in interleave.facts.items()}
-    memory_round = w + max(range(args.rounds), key=lambda r: facts[HF][r]["llm_tokens"])
+    with_images = [r for r in range(args.rounds) if measured_rounds[r][0].image is not None]
+    memory_round = max(with_images, key=lambda r: facts[HF][r]["llm_tokens"])  # of the measured rounds
     memory = {} if args.no_memory else {name: peak_memory(name, args, memory_round) for name in names}
     rows = []
     for name in names:
@@ -385,10 +404,10 @@ def main() -> None:
             "lynx_resampler_packed_compiled", "lynx_resampler_packed"
         )
     lightning_overhead = totals[LIGHTNING] / totals[LIGHTNING_ARM] - 1
-    lengths = [len(processor.encode(s)[0]) for r in rounds[w:] for s in r]
+    lengths = [len(processor.encode(s)[0]) for r in measured_rounds for s in r]
     data = {
-        "samples": sum(len(r) for r in rounds[w:]),
-        "text_only_share": sum(s.image is None for r in rounds[w:] for s in r) / sum(len(r) for r in rounds[w:]),
+        "samples": len(lengths),
+        "text_only_share": sum(s.image is None for r in measured_rounds for s in r) / len(lengths),
         "text_tokens": {
             "mean": float(np.mean(lengths)),
             "median": float(np.median(lengths)),

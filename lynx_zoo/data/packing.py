@@ -13,8 +13,8 @@ block-diagonal causal mask (SDPA, eager, FlexAttention) or runs ``flash_attentio
 Labels are those of each sample (the first token of a sample is never a target), so the loss (a mean over the
 batch's target tokens) weighs every sample exactly as the unpacked batch does.
 
-Rows are filled by :func:`assign_rows`: as few rows as first-fit-decreasing needs, balanced so that they end close
-together (the padding is what the rows lack of the longest one).
+Rows are filled by :func:`assign_rows`, for the least padding (what the rows lack of the longest one): packing pays most
+on batches that mix long and short samples, not on length-sorted ones.
 """
 
 from __future__ import annotations
@@ -73,9 +73,10 @@ def samples_in(batch: dict[str, Any]) -> int:
 
 
 def assign_rows(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Indices of ``lengths`` grouped in rows of at most ``max_tokens`` each, in as few rows as first-fit-decreasing
-    needs and balanced between them (longest first, each to the shortest row), so rows end close together.
-    Each row lists its items in their given order."""
+    """Indices of ``lengths`` grouped in rows of at most ``max_tokens`` each, with the least padding (what the rows
+    lack of the longest one) found among: first-fit-decreasing, and the rows balanced longest-first (each item to the
+    shortest row) over as many rows as first-fit needs or up to two more. Each row lists its items in their given
+    order; rows are ordered by their first item."""
     if any(length > max_tokens for length in lengths):
         raise ValueError(f"packing: a sample of {max(lengths)} tokens does not fit a row of max_tokens={max_tokens}")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
@@ -89,16 +90,23 @@ def assign_rows(lengths: list[int], max_tokens: int) -> list[list[int]]:
             row = len(room) - 1
         first_fit[row].append(i)
         room[row] -= lengths[i]
-    balanced: list[list[int]] = [[] for _ in first_fit]
-    heap = [(0, r) for r in range(len(first_fit))]
-    for i in order:
-        fill, r = heapq.heappop(heap)
-        balanced[r].append(i)
-        heapq.heappush(heap, (fill + lengths[i], r))
-    longest_balanced = max((fill for fill, _ in heap), default=0)
-    longest_first_fit = max((sum(lengths[i] for i in row) for row in first_fit), default=0)
-    rows = balanced if longest_balanced <= min(max_tokens, longest_first_fit) else first_fit
-    return sorted((sorted(row) for row in rows if row), key=lambda row: row[0])
+    candidates = [first_fit]
+    for count in range(len(first_fit), min(len(lengths), len(first_fit) + 2) + 1):
+        balanced: list[list[int]] = [[] for _ in range(count)]
+        heap = [(0, r) for r in range(count)]
+        for i in order:
+            fill, r = heapq.heappop(heap)
+            balanced[r].append(i)
+            heapq.heappush(heap, (fill + lengths[i], r))
+        if max(fill for fill, _ in heap) <= max_tokens:
+            candidates.append(balanced)
+
+    def padding(rows: list[list[int]]) -> tuple[int, int]:
+        fills = [sum(lengths[i] for i in row) for row in rows]
+        return len(rows) * max(fills, default=0) - sum(fills), len(rows)
+
+    best = min(candidates, key=padding)
+    return sorted((sorted(row) for row in best if row), key=lambda row: row[0])
 
 
 def frames_of(sample: Sample) -> int:
