@@ -92,9 +92,9 @@ def report(name: str, rows: list[dict[str, Any]], columns: list[str], **extra: A
 
 
 # ---------------------------------------------------------------------------------------------- matched models
-def lynx_model(seed: int = 0, llm_trainable: bool = False) -> Any:
-    """lynx_zoo PT at the benchmark size: frozen tower (196 patch tokens), trainable MLP projector, frozen LLM
-    (or a trainable one)."""
+def lynx_model(seed: int = 0, llm_trainable: bool = False, bridge: Any = None, max_length: int = 128) -> Any:
+    """lynx_zoo PT at the benchmark size: frozen tower (196 patch tokens), trainable MLP projector (or ``bridge``),
+    frozen LLM (or a trainable one), ``max_length`` text tokens per sample."""
     from lynx_zoo import AdapterConfig, BridgeConfig, LLMConfig, OptimizerConfig, PrefixLynx, PromptConfig, VisionConfig
 
     torch.manual_seed(seed)
@@ -106,17 +106,17 @@ def lynx_model(seed: int = 0, llm_trainable: bool = False) -> Any:
     )
     return PrefixLynx(
         vision=vision,
-        bridge=BridgeConfig(kind="mlp"),
+        bridge=bridge or BridgeConfig(kind="mlp"),
         llm=LLMConfig(pretrained=False, tokenizer=llama_tokenizer_dir(), config=dict(LLM), trainable=llm_trainable),
         adapters=AdapterConfig(every=None),
         optimizer=OptimizerConfig(lr=1e-4, min_lr=1e-5),
-        prompt=PromptConfig(max_length=128),
+        prompt=PromptConfig(max_length=max_length),
     )
 
 
-def llava_model(vocab_size: int, seed: int = 0) -> Any:
+def llava_model(vocab_size: int, seed: int = 0, llm_trainable: bool = False) -> Any:
     """HF transformers' LLaVA of the same shapes: CLIP tower (last layer, patch tokens), MLP projector, LLaMA;
-    the tower and the LLM frozen, the projector trained, as in the lynx_zoo model."""
+    the tower and the LLM frozen (or the LLM trainable), the projector trained, as in the lynx_zoo model."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -140,6 +140,9 @@ def llava_model(vocab_size: int, seed: int = 0) -> Any:
     model = LlavaForConditionalGeneration(config)
     model.requires_grad_(False)
     model.model.multi_modal_projector.requires_grad_(True)
+    if llm_trainable:
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
     return model
 
 

@@ -121,6 +121,10 @@ COMMANDS: dict[str, Command] = {
         "prepare data sets for streaming (data prepare KIND INPUT... --output DIR)",
         _lazy("lynx_zoo.data.prepare", "main"),
     ),
+    "cache-features": Command(
+        "compute a frozen vision tower's tokens of a data set once, to train without the tower",
+        _lazy("lynx_zoo.training.cache_features", "main"),
+    ),
     "export": Command("export a run's checkpoint as a variant folder", _lazy("lynx_zoo.hub.cli", "export_main")),
     "variants": Command("list the released and registered variants", _lazy("lynx_zoo.hub.cli", "variants_main")),
     "cards": Command("generate or check the model cards", _lazy("lynx_zoo.hub.cli", "cards_main")),

@@ -119,7 +119,7 @@ def test_text_only_batches_run_the_gated_feed_forward_as_openflamingo(make_tiny)
     position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     plain = model.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=position_ids)
     # gates closed: exactly the frozen LLM, text-only too
-    closed = model(batch["input_ids"], batch["attention_mask"], None, batch["labels"])
+    closed = model(batch["input_ids"], batch["attention_mask"], None, batch["labels"], return_logits=True)
     torch.testing.assert_close(closed.logits, plain.logits, rtol=0, atol=0)
     # ... and the feed-forward's gate already learns from text: its gradient is the feed-forward's output
     closed.loss.backward()
@@ -129,7 +129,7 @@ def test_text_only_batches_run_the_gated_feed_forward_as_openflamingo(make_tiny)
     # gates open: the feed-forward changes every token of a text-only batch and its weights get gradient
     model.zero_grad()
     open_gates(model)
-    opened = model(batch["input_ids"], batch["attention_mask"], None, batch["labels"])
+    opened = model(batch["input_ids"], batch["attention_mask"], None, batch["labels"], return_logits=True)
     assert not torch.allclose(opened.logits, plain.logits)
     opened.loss.backward()
     for block in model.fusion_blocks().values():

@@ -75,7 +75,9 @@ def test_closed_gates_equal_the_llm_and_its_flops_are_counted(my_fusion):
     ids = torch.randint(4, 30, (2, 64))
     batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), images=torch.randn(2, 3, 32, 32), labels=ids)
     with torch.no_grad():
-        torch.testing.assert_close(model(**batch).logits, model.llm(input_ids=ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(
+            model(**batch, return_logits=True).logits, model.llm(input_ids=ids).logits, rtol=0, atol=0
+        )
     with FlopCounterMode(display=False) as step:
         model(**batch).loss.backward()
     # the blocks are declared: the formula counts them (their own forward_flops)

@@ -26,7 +26,7 @@ def shapes_samples(n=2, size=32):
 def test_logits_cover_visual_prefix_and_text(make_tiny, size):
     model = make_tiny(vision={"image_size": size})
     batch = batch_of(model, shapes_samples(2, size))
-    out = model(batch["input_ids"], batch["attention_mask"], batch["images"], batch["labels"])
+    out = model(batch["input_ids"], batch["attention_mask"], batch["images"], batch["labels"], return_logits=True)
     assert out.logits.shape == (2, 4 + batch["input_ids"].shape[1], len(model.tokenizer))
     assert torch.isfinite(out.loss)
 
@@ -67,7 +67,7 @@ def test_loss_is_on_answer_tokens_only(make_tiny):
     ids = torch.tensor([prompt + answer])
     labels = torch.tensor([[IGNORE_INDEX] * len(prompt) + answer])
     images = torch.randn(1, 3, 32, 32)
-    out = model(ids, torch.ones_like(ids), images, labels)
+    out = model(ids, torch.ones_like(ids), images, labels, return_logits=True)
     # by hand: position t predicts token t+1; the 4 visual tokens come first
     logits = out.logits[0, 4 + len(prompt) - 1 : -1]
     expected = F.cross_entropy(logits, torch.tensor(answer))
@@ -169,7 +169,7 @@ def test_bf16_frozen_llm_with_fp32_trainable_parts(make_tiny, fusion):
         for block in model.fusion_blocks().values():
             block.attn_gate.data.fill_(0.5)
     batch = batch_of(model, shapes_samples(2))
-    out = model(batch["input_ids"], batch["attention_mask"], batch["images"], batch["labels"])
+    out = model(batch["input_ids"], batch["attention_mask"], batch["images"], batch["labels"], return_logits=True)
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
     out.loss.backward()
     reached = {n: p for n, p in trainable.items() if n != "frame_position"}  # videos only

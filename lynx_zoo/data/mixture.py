@@ -20,14 +20,16 @@ batch.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lynx_zoo.data.datamodule import LynxDataModule, attached_model
+from lynx_zoo.data.feature_cache import FeatureCacheSource
 from lynx_zoo.data.images import DEFAULT_MAX_IMAGE_PIXELS
+from lynx_zoo.data.packing import MediaTokens, PackingCollate
 from lynx_zoo.data.processor import LynxProcessor, Sample, Skipped
 from lynx_zoo.data.sources import LoadContext, Source
 from lynx_zoo.data.templates import InstructionTemplates
@@ -203,9 +205,11 @@ class MixtureSchedule:
 
 
 class MixtureStream(IterableDataset):
-    """This rank's batches of one epoch, loaded and collated in the dataloader workers (in order)."""
+    """This rank's batches of one epoch, loaded and collated in the dataloader workers (in order): padded by the
+    processor, or packed into rows (:class:`~lynx_zoo.data.packing.PackingCollate`). Packing rearranges a batch's
+    samples, never which samples a batch holds: the schedule's exactly-once reading and resume are unchanged."""
 
-    def __init__(self, schedule: MixtureSchedule, collate: LynxProcessor) -> None:
+    def __init__(self, schedule: MixtureSchedule, collate: Callable[[list[Sample | Skipped]], dict[str, Any]]) -> None:
         self.schedule = schedule
         self.collate = collate
         self.epoch = 0
@@ -302,6 +306,9 @@ class MixtureDataModule(LynxDataModule):
         strict: raise on an unreadable file or a malformed line (naming it) instead of skipping it.
         max_image_pixels: skip images of more pixels than this before decoding them (``null``: no cap).
         max_skipped_share: fail a run that skipped more than this share of its training samples.
+        pack_tokens: pack each training batch's samples into rows of at most this many LLM tokens (visual tokens
+            included), attention kept inside each sample (:mod:`lynx_zoo.data.packing`); ``None`` pads each sample
+            to the longest of its batch. At least the visual tokens of a sample plus ``prompt.max_length``.
     """
 
     def __init__(
@@ -317,6 +324,7 @@ class MixtureDataModule(LynxDataModule):
         strict: bool = False,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         max_skipped_share: float = 0.5,
+        pack_tokens: int | None = None,
     ) -> None:
         super().__init__(max_skipped_share)
         if not sources:
@@ -334,8 +342,11 @@ class MixtureDataModule(LynxDataModule):
         self.seed = seed
         self.strict = strict
         self.max_image_pixels = max_image_pixels
+        self.pack_tokens = pack_tokens
         self.processor: LynxProcessor | None = None  # the model's, or set by hand with ``num_frames``
         self.num_frames = 5
+        # sequence positions of a sample's media by frame count (packing): the model's, or set by hand
+        self.media_tokens: MediaTokens | None = None
         self.stream: MixtureStream | None = None
         # which epoch of the mixture (and first batch) the training loader goes to next, and for which trainer epoch
         # it last went on (the stream keeps the current one)
@@ -343,9 +354,14 @@ class MixtureDataModule(LynxDataModule):
 
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str | None = None) -> None:
-        if self.processor is None:
+        if self.processor is None or (self.pack_tokens and self.media_tokens is None):
             model = attached_model(self)
             self.processor, self.num_frames = model.processor, model.vision_config.num_frames
+            self.media_tokens = model.media_tokens_in_sequence
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        for source in [*self.sources, *self.val_sources]:
+            if isinstance(source, FeatureCacheSource) and model is not None:
+                source.check_tower(model.vision)  # the model's own frozen tower made it
         transform, frames = self.processor.image_transform, self.num_frames
         train_transform = self.processor.train_image_transform
         cap = self.max_image_pixels
@@ -365,7 +381,11 @@ class MixtureDataModule(LynxDataModule):
             schedule = MixtureSchedule(
                 self.sources, self.batch_size, per_epoch, self.seed, rank, world, self.num_workers
             )
-            self.stream = MixtureStream(schedule, self.processor)
+            collate: Any = self.processor
+            if self.pack_tokens:
+                assert self.media_tokens is not None
+                collate = PackingCollate(self.processor, self.pack_tokens, self.media_tokens)
+            self.stream = MixtureStream(schedule, collate)
 
     @property
     def categories(self) -> list[str]:

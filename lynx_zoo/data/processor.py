@@ -21,7 +21,9 @@ class Sample:
 
     ``image`` is a transformed image ``(3, H, W)``, a video's transformed frames ``(T, 3, H, W)``, or
     ``None`` for text-only data; ``answer`` is empty for prompts to be answered; ``history`` holds the
-    earlier (instruction, answer) turns of a conversation.
+    earlier (instruction, answer) turns of a conversation. ``vision_tokens`` stands in for ``image``: what a frozen
+    vision tower made of it, ``(N, width)`` or ``(T, N, width)`` for a video, read from a feature cache
+    (:mod:`lynx_zoo.data.feature_cache`).
     """
 
     instruction: str
@@ -31,6 +33,7 @@ class Sample:
     id: str = ""
     history: list[tuple[str, str]] = field(default_factory=list)
     source: str = ""
+    vision_tokens: torch.Tensor | None = None
 
 
 @dataclass
@@ -157,6 +160,19 @@ class LynxProcessor:
         """Collate training samples. Unreadable inputs (:class:`Skipped`, or ``None``) and samples whose
         answer cannot fit ``max_length`` at all are dropped and counted in ``skipped`` by
         ``source/reason`` (``num_skipped`` is the total); ``num_truncated`` counts cut samples."""
+        kept, skipped = self.encode_batch(samples)
+        batch = self._pad([(ids, labels) for _, ids, labels, _ in kept])
+        batch.update(self.collate_meta([s for s, *_ in kept]))
+        batch["skipped"] = dict(skipped)
+        batch["num_skipped"] = sum(skipped.values())
+        batch["num_truncated"] = sum(t for *_, t in kept)
+        return batch
+
+    def encode_batch(
+        self, samples: list[Sample | Skipped | None]
+    ) -> tuple[list[tuple[Sample, list[int], list[int], bool]], Counter]:
+        """``(sample, ids, labels, truncated)`` of each training sample kept, and the dropped ones counted by
+        ``source/reason`` (unreadable inputs, answers that cannot fit ``max_length``)."""
         skipped: Counter = Counter()
         kept = []
         for sample in samples:
@@ -168,12 +184,7 @@ class LynxProcessor:
                 skipped[f"{sample.source or 'unknown'}/answer_too_long"] += 1
                 continue
             kept.append((sample, ids, labels, truncated))
-        batch = self._pad([(ids, labels) for _, ids, labels, _ in kept])
-        batch.update(self._meta([s for s, *_ in kept]))
-        batch["skipped"] = dict(skipped)
-        batch["num_skipped"] = sum(skipped.values())
-        batch["num_truncated"] = sum(t for *_, t in kept)
-        return batch
+        return kept, skipped
 
     def prompt_ids(self, sample: Sample) -> list[int]:
         """The whole generation prompt of ``sample``: ``<s>``, its earlier turns with their answers, its prompt."""
@@ -203,7 +214,7 @@ class LynxProcessor:
             encoded = [ids[-limit:] for ids in encoded]
         batch = self._pad([(ids, [IGNORE_INDEX] * len(ids)) for ids in encoded])
         del batch["labels"]
-        batch.update(self._meta(samples))
+        batch.update(self.collate_meta(samples))
         batch["num_cut"] = len(dropped)
         return batch
 
@@ -221,15 +232,20 @@ class LynxProcessor:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     @staticmethod
-    def _meta(samples: list[Sample]) -> dict[str, Any]:
-        images = [s.image for s in samples]
-        if len({None if i is None else i.dim() for i in images}) > 1:
+    def collate_meta(samples: list[Sample]) -> dict[str, Any]:
+        """The batch's media (``images``, or ``vision_tokens`` from a feature cache), stacked, and its samples'
+        texts, ids and sources as lists."""
+        kinds = {tuple(None if media is None else media.dim() for media in (s.image, s.vision_tokens)) for s in samples}
+        if len(kinds) > 1:
             raise ValueError(
-                "a batch mixes images, videos and text-only samples; keep each kind in its own batches "
-                "(MixtureDataModule draws every batch from one source)"
+                "a batch mixes images, videos, cached vision tokens and text-only samples; keep each kind in its own "
+                "batches (MixtureDataModule draws every batch from one source)"
             )
+        images = [s.image for s in samples]
+        tokens = [s.vision_tokens for s in samples]
         return {
             "images": torch.stack(images) if images and images[0] is not None else None,
+            "vision_tokens": torch.stack(tokens) if tokens and tokens[0] is not None else None,
             "instructions": [s.instruction for s in samples],
             "answers": [s.answer for s in samples],
             "categories": [s.category for s in samples],

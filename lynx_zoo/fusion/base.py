@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -25,6 +26,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from lynx_zoo.adapters import AdapterConfig, insert_adapters
 from lynx_zoo.bridge import BridgeConfig, build_bridge
 from lynx_zoo.data.answers import metric_key, normalize_answer
+from lynx_zoo.data.packing import PackedRows, samples_in
 from lynx_zoo.data.processor import IGNORE_INDEX, LynxProcessor, PromptConfig, Sample
 from lynx_zoo.generation import ImageLike, VideoLike, generation_settings, image_batch, seeded, video_batch
 from lynx_zoo.llm import LLMConfig, build_llm, load_tokenizer
@@ -48,14 +50,47 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
+# config fields with which an LLM's logits are more than its output embeddings applied to its last hidden states
+# (soft-capping, scaling): such an LLM computes its loss through its own forward, on every position
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def answer_only_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    """transformers' causal-LM loss (position ``t`` predicts label ``t + 1``, the mean over target tokens, in fp32),
+    with the LM head applied only to the positions that have a target: no ``(batch, length, vocabulary)`` logits."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = head(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum") / keep.sum()
+
+
+@dataclass
+class VisionTokens:
+    """The vision tower's output read from a feature cache instead of computed: ``(B, N, width)`` for images,
+    ``(B, T, N, width)`` for videos. :meth:`LynxModel.encode_images` takes it in place of pixels."""
+
+    tokens: torch.Tensor
+
+    @property
+    def is_video(self) -> bool:
+        return self.tokens.dim() == 4
+
+
+Media = torch.Tensor | VisionTokens
+
+
 @dataclass
 class FusedInputs:
     """What the LLM reads once a fusion has put the visual tokens in: token ids *or* input embeddings (a sequence
-    that may start with visual tokens, which take no loss), and the attention mask over that sequence."""
+    that may start with visual tokens, which take no loss), and the attention mask over that sequence.
+
+    ``position_ids`` are set for packed rows (several samples per row, :mod:`lynx_zoo.data.packing`): each sample's
+    own positions, restarting at 0; the LLM then gets no 2-D mask and keeps attention inside each sample."""
 
     attention_mask: torch.Tensor
     input_ids: torch.Tensor | None = None
     inputs_embeds: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
 
     def llm_inputs(self) -> dict[str, torch.Tensor]:
         """The keyword arguments of the LLM's ``forward``/``generate`` these stand for."""
@@ -63,6 +98,14 @@ class FusedInputs:
         if self.inputs_embeds is not None:
             return {**inputs, "inputs_embeds": self.inputs_embeds}
         return {**inputs, "input_ids": self.input_ids}
+
+    def forward_inputs(self) -> dict[str, torch.Tensor | None]:
+        """The keyword arguments of a training forward: the position ids follow the mask (padding skipped), or are
+        the packed rows' own, which transformers reads as separate sequences when no 2-D mask is given."""
+        inputs: dict[str, torch.Tensor | None] = self.llm_inputs()
+        if self.position_ids is None:
+            return {**inputs, "position_ids": positions_from_mask(self.attention_mask)}
+        return {**inputs, "attention_mask": None, "position_ids": self.position_ids}
 
 
 class LynxModel(L.LightningModule):
@@ -86,6 +129,8 @@ class LynxModel(L.LightningModule):
     kind: ClassVar[str] = "fusion"
     #: whether the LLM reads the visual tokens inside its input sequence (PT) rather than beside it (CA)
     media_in_sequence: ClassVar[bool] = False
+    #: whether :meth:`fused` takes packed rows (its ``packed`` argument, :class:`~lynx_zoo.data.packing.PackedRows`)
+    supports_packing: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -122,6 +167,15 @@ class LynxModel(L.LightningModule):
         )
         self.val_accuracy: CategoryAccuracy | None = None  # built once the DataModule names its categories
         self.init_from = init_from
+        transforms = [f for f in LOGIT_TRANSFORMS if getattr(self.llm.config, f, None) not in (None, 1, 1.0)]
+        #: the training loss applies the LM head to the target positions only (else through the LLM's own forward)
+        self.answer_only_logits = not transforms
+        if transforms:
+            warnings.warn(
+                f"{type(self.llm).__name__} transforms its logits ({', '.join(transforms)}): its loss is computed on "
+                "the logits of every position, through its own forward",
+                stacklevel=2,
+            )
 
     # ----------------------------------------------------------------- the part a fusion module writes
     def fused(
@@ -132,9 +186,12 @@ class LynxModel(L.LightningModule):
         Args:
             input_ids: left-padded text ids ``(B, T)``.
             attention_mask: their mask.
-            media: images ``(B, 3, H, W)``, videos ``(B, F, 3, H, W)`` or ``None`` (text only); turn them into
-                visual tokens with :meth:`encode_images`.
-            fusion_inputs: extra inputs of this fusion (``forward`` passes on its extra keyword arguments).
+            media: images ``(B, 3, H, W)``, videos ``(B, F, 3, H, W)``, the tower's tokens of either from a feature
+                cache (:class:`VisionTokens`), or ``None`` (text only); turn them into visual tokens with
+                :meth:`encode_images`.
+            fusion_inputs: extra inputs of this fusion (``forward`` passes on its extra keyword arguments). A fusion
+                that declares ``supports_packing`` gets ``packed`` (:class:`~lynx_zoo.data.packing.PackedRows`) for a
+                packed batch: rows of several samples, one media item per sample in row order.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement fused (how visual tokens enter the LLM)")
 
@@ -150,19 +207,38 @@ class LynxModel(L.LightningModule):
         attention_mask: torch.Tensor,
         images: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        *,
+        vision_tokens: torch.Tensor | None = None,
+        packed: PackedRows | None = None,
+        return_logits: bool = False,
         **fusion_inputs: Any,
     ) -> CausalLMOutputWithPast:
-        """LLM outputs (logits, and the loss on answer tokens if ``labels`` are given)."""
-        with self.fused(input_ids, attention_mask, images, **fusion_inputs) as inputs:
+        """The loss on the answer tokens when ``labels`` are given, the logits when there are none (or
+        ``return_logits``).
+
+        With labels, the LM head runs on the positions that have a target only (the loss equals transformers' own:
+        the mean over target tokens, position ``t`` predicting label ``t + 1``); ``return_logits`` computes every
+        position's logits and the loss from them, through the LLM's own forward. ``vision_tokens`` (a feature
+        cache's) stand in for ``images``; ``packed`` says where the samples of packed rows sit.
+        """
+        if packed is not None:
+            if not self.supports_packing:
+                raise ValueError(f"{type(self).__name__} does not take packed batches (its supports_packing is off)")
+            fusion_inputs["packed"] = packed
+        media: Media | None = VisionTokens(vision_tokens) if vision_tokens is not None else images
+        with self.fused(input_ids, attention_mask, media, **fusion_inputs) as inputs:
             mask = inputs.attention_mask
             if labels is not None and mask.shape[1] > labels.shape[1]:  # visual tokens before the text: no loss
                 prefix = labels.new_full((labels.shape[0], mask.shape[1] - labels.shape[1]), IGNORE_INDEX)
                 labels = torch.cat([prefix, labels], 1)
-            position_ids = positions_from_mask(mask)
-            return self.llm(**inputs.llm_inputs(), position_ids=position_ids, labels=labels, use_cache=False)
+            llm_inputs = inputs.forward_inputs()
+            if labels is None or return_logits or not self.answer_only_logits:
+                return self.llm(**llm_inputs, labels=labels, use_cache=False)
+            hidden = self.llm.get_decoder()(**llm_inputs, use_cache=False).last_hidden_state
+            return CausalLMOutputWithPast(loss=answer_only_loss(hidden, labels, self.llm.get_output_embeddings()))
 
     def generate_ids(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: torch.Tensor | None, **kwargs: Any
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: Media | None, **kwargs: Any
     ) -> torch.Tensor:
         """Newly generated token ids for left-padded prompts: transformers ``generate`` arguments in ``kwargs``, and
         ``seed`` (sampling inside repeats; torch's generators are given back their state afterwards)."""
@@ -177,23 +253,43 @@ class LynxModel(L.LightningModule):
         # from token ids transformers returns the prompt too; from embeddings, only what it generated
         return ids if inputs.input_ids is None else ids[:, inputs.input_ids.shape[1] :]
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Visual tokens ``(B, Q, llm_width)`` of images ``(B, 3, H, W)`` or videos ``(B, T, 3, H, W)``.
+    def encode_images(self, images: Media) -> torch.Tensor:
+        """Visual tokens ``(B, Q, llm_width)`` of images ``(B, 3, H, W)`` or videos ``(B, T, 3, H, W)``, or of the
+        tower's tokens of either read from a feature cache (:class:`VisionTokens`: the tower does not run).
 
         A video's frames go through the tower one by one; each frame's tokens get its frame-position
         embedding and the ``T x N`` tokens go into the bridge together (Lynx), which returns ``Q``.
         """
-        video = images.dim() == 5
-        if video and images.shape[1] != self.vision_config.num_frames:
+        cached = isinstance(images, VisionTokens)
+        video = images.is_video if cached else images.dim() == 5
+        frames = images.tokens.shape[1] if cached else images.shape[1]
+        if video and frames != self.vision_config.num_frames:
             raise ValueError(
-                f"videos of {images.shape[1]} frames for a model with vision.num_frames="
+                f"videos of {frames} frames for a model with vision.num_frames="
                 f"{self.vision_config.num_frames}: sample the clips with that many frames"
             )
-        with torch.set_grad_enabled(self.vision_config.trainable and torch.is_grad_enabled()):
-            tokens = self.vision(images.flatten(0, 1) if video else images)
+        if cached:
+            tokens = images.tokens.to(self.frame_position.dtype)
+            if tuple(tokens.shape[-2:]) != (self.vision.num_tokens, self.vision.width):
+                raise ValueError(
+                    f"cached vision tokens of shape {tuple(tokens.shape[-2:])} for a tower that makes "
+                    f"{(self.vision.num_tokens, self.vision.width)} (tokens, width) per image: another tower's cache?"
+                )
+        else:
+            with torch.set_grad_enabled(self.vision_config.trainable and torch.is_grad_enabled()):
+                tokens = self.vision(images.flatten(0, 1) if video else images)
+            if video:
+                tokens = tokens.unflatten(0, images.shape[:2])
         if video:
-            tokens = (tokens.unflatten(0, images.shape[:2]) + self.frame_position).flatten(1, 2)
+            tokens = (tokens + self.frame_position).flatten(1, 2)
         return self.bridge(tokens).to(self.llm.dtype)
+
+    def media_tokens_in_sequence(self, frames: int) -> int:
+        """LLM sequence positions the media of one sample takes, for an image (``frames=1``) or a video of
+        ``frames`` frames: its visual tokens when the fusion reads them in the sequence (PT), else 0 (CA)."""
+        if not self.media_in_sequence:
+            return 0
+        return self.bridge.output_tokens(self.vision.num_tokens * frames)
 
     @property
     def tokenizer(self) -> Any:
@@ -322,8 +418,8 @@ class LynxModel(L.LightningModule):
             # all-gathers and reduce-scatters, in the same order): a placeholder sample's loss, weighted 0
             loss = self(**self.placeholder_batch()).loss * 0.0
         else:
-            loss = self(batch["input_ids"], batch["attention_mask"], batch.get("images"), batch["labels"]).loss
-            self.log("train/loss", loss, prog_bar=True, batch_size=size)
+            loss = self(**model_inputs(batch)).loss
+            self.log("train/loss", loss, prog_bar=True, batch_size=samples_in(batch))
         if isinstance(self._trainer and self._trainer.strategy, DDPStrategy):
             loss = ddp_anchor(loss, self.trainable_parameters())
         return loss
@@ -353,16 +449,17 @@ class LynxModel(L.LightningModule):
         size = batch["input_ids"].shape[0]
         if size == 0:
             return
-        loss = self(batch["input_ids"], batch["attention_mask"], batch.get("images"), batch["labels"]).loss
-        self.log("val/loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
+        loss = self(**model_inputs(batch)).loss
+        self.log("val/loss", loss, prog_bar=True, batch_size=samples_in(batch), sync_dist=True)
         if self.val_accuracy is None:
             return  # the DataModule declares no categories: the loss is the validation
         histories = batch.get("histories") or [[] for _ in batch["instructions"]]
         prompts = self.processor.prompts([Sample(q, history=h) for q, h in zip(batch["instructions"], histories)])
+        media = VisionTokens(batch["vision_tokens"]) if batch.get("vision_tokens") is not None else batch.get("images")
         ids = self.generate_ids(
             prompts["input_ids"].to(self.device),
             prompts["attention_mask"].to(self.device),
-            batch.get("images"),
+            media,
             **self.eval_generation,
         )
         correct = [normalize_answer(p) == normalize_answer(a) for p, a in zip(self.decode(ids), batch["answers"])]
@@ -378,3 +475,16 @@ class LynxModel(L.LightningModule):
             if category != "overall" and torch.isfinite(value):
                 self.log(f"val/acc/{category}", value)
         self.val_accuracy.reset()
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of :meth:`LynxModel.forward` for a collated training batch (padded or packed, pixels or
+    cached vision tokens)."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    inputs["images"] = batch.get("images")
+    if batch.get("vision_tokens") is not None:
+        inputs["vision_tokens"] = batch["vision_tokens"]
+    packed = PackedRows.of(batch)
+    if packed is not None:
+        inputs["packed"] = packed
+    return inputs

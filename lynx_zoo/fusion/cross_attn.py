@@ -8,7 +8,9 @@ The blocks are children ``gated_xattn`` of the decoder layers, run on each layer
 
 Media-position masking: media ``m`` of a sample appears at text position ``media_positions[b, m]``
 (in position-id space: the count of real tokens before it). A text token attends only to the latest
-media at or before its position; tokens before the first media get a zero attention output.
+media at or before its position; tokens before the first media get a zero attention output. In packed rows
+(several samples per row) each media item also carries its sample's segment id and each token reads only the media
+of its own sample.
 
 As OpenFlamingo defines the block, the masking acts inside the attention only: the gated feed-forward
 applies to every token, with media before it or not. A text-only batch (no media at all) runs the blocks
@@ -27,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lynx_zoo.fusion.base import FusedInputs, LynxModel
+from lynx_zoo.data.packing import PackedRows
+from lynx_zoo.fusion.base import FusedInputs, LynxModel, Media
 from lynx_zoo.fusion.registry import register_model
 from lynx_zoo.llm.layers import InsertedBlock, LayerPlacement, attach_block, decoder_layers
 
@@ -79,20 +82,26 @@ class GatedCrossAttentionBlock(InsertedBlock):
         self.ff_gate = nn.Parameter(torch.zeros(1))
         self.media: torch.Tensor | None = None
         self.media_positions: torch.Tensor | None = None
+        self.segments: MediaSegments | None = None
 
     @contextmanager
-    def attending_to(self, media: torch.Tensor | None, media_positions: torch.Tensor | None) -> Iterator[None]:
+    def attending_to(
+        self,
+        media: torch.Tensor | None,
+        media_positions: torch.Tensor | None,
+        segments: MediaSegments | None = None,
+    ) -> Iterator[None]:
         """The visual tokens ``(B, M, Q, width)`` and their text positions ``(B, M)`` for the calls inside
-        (``None``: a text-only call)."""
-        outer = self.media, self.media_positions
-        self.media, self.media_positions = media, media_positions
+        (``None``: a text-only call); ``segments``: the samples they and the tokens belong to, for packed rows."""
+        outer = self.media, self.media_positions, self.segments
+        self.media, self.media_positions, self.segments = media, media_positions, segments
         try:
             yield
         finally:
-            self.media, self.media_positions = outer
+            self.media, self.media_positions, self.segments = outer
 
     def replay_context(self) -> AbstractContextManager[None]:
-        return self.attending_to(self.media, self.media_positions)
+        return self.attending_to(self.media, self.media_positions, self.segments)
 
     def forward_flops(self, text_tokens: int, media_tokens: int) -> float:
         """Queries, output and feed-forward on every text token; keys and values on the visual tokens only; the
@@ -122,10 +131,14 @@ class GatedCrossAttentionBlock(InsertedBlock):
             media, media_positions = media.repeat_interleave(repeat, 0), media_positions.repeat_interleave(repeat, 0)
         b, t, _ = x.shape
         num_media, per_media = media.shape[1], media.shape[2]
-        # the latest media at or before each token (0 = none yet)
+        # the latest media at or before each token, of its own sample (0 = none yet)
         position_ids = position_ids.expand(b, t)
-        latest = (media_positions[:, None, :] <= position_ids[:, :, None]).sum(-1)
-        media_index = torch.arange(1, num_media + 1, device=x.device).repeat_interleave(per_media)
+        before = media_positions[:, None, :] <= position_ids[:, :, None]
+        if self.segments is not None:
+            before = before & (self.segments.media[:, None, :] == self.segments.tokens[:, :, None])
+        media_index = torch.arange(1, num_media + 1, device=x.device)
+        latest = (before * media_index).amax(-1)
+        media_index = media_index.repeat_interleave(per_media)
         allowed = latest[:, :, None] == media_index[None, None, :]
         has_media = latest > 0
         allowed = allowed | ~has_media[:, :, None]  # keep softmax finite; these rows are zeroed below
@@ -134,6 +147,15 @@ class GatedCrossAttentionBlock(InsertedBlock):
         k, v = (z.view(b, num_media * per_media, self.num_heads, -1).transpose(1, 2) for z in (k, v))
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
         return self.to_out(attended.transpose(1, 2).flatten(2)) * has_media[..., None].to(x.dtype)
+
+
+@dataclass
+class MediaSegments:
+    """Which sample of a packed row each media item (``media``, ``(B, M)``) and each token (``tokens``, ``(B, T)``)
+    belongs to: a token reads only media of its own segment."""
+
+    media: torch.Tensor
+    tokens: torch.Tensor
 
 
 @register_model
@@ -149,6 +171,7 @@ class CrossAttnLynx(LynxModel):
 
     label = "CA"
     kind = "cross-attention"
+    supports_packing = True
 
     def __init__(self, *args: Any, cross_attn: CrossAttnConfig | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -168,27 +191,43 @@ class CrossAttnLynx(LynxModel):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        media: torch.Tensor | None,
+        media: Media | None,
         media_positions: torch.Tensor | None = None,
+        packed: PackedRows | None = None,
     ) -> Iterator[FusedInputs]:
         """The text as it is; every block attends to the visual tokens while the LLM runs.
 
         ``media`` images or videos are one media item per sample; ``media_positions`` ``(B, M)``: where each
         appears in the text (default: before it). Several media per sample go to :meth:`attending_to` directly.
+        In packed rows, each sample's media comes before its own text and only its own tokens read it.
         """
-        visual = None if media is None else self.encode_images(media)[:, None]
-        with self.attending_to(visual, media_positions):
-            yield FusedInputs(attention_mask, input_ids=input_ids)
+        visual = None if media is None else self.encode_images(media)
+        if packed is None:
+            with self.attending_to(None if visual is None else visual[:, None], media_positions):
+                yield FusedInputs(attention_mask, input_ids=input_ids)
+            return
+        if media_positions is not None:
+            raise ValueError("packed rows place each sample's media before its text: media_positions cannot be given")
+        segments = None
+        if visual is not None:  # row r's k-th sample is segment k + 1; its media goes to slot k of the row
+            slots = packed.sample_slots()
+            visual = visual[slots.clamp(min=0)] * (slots >= 0)[..., None, None].to(visual.dtype)
+            media_segments = torch.where(slots >= 0, torch.arange(1, slots.shape[1] + 1, device=slots.device), -1)
+            segments = MediaSegments(media_segments, packed.segment_ids)
+        with self.attending_to(visual, None, segments):
+            yield FusedInputs(attention_mask, input_ids=input_ids, position_ids=packed.position_ids)
 
     @contextmanager
-    def attending_to(self, media: torch.Tensor | None, media_positions: torch.Tensor | None) -> Iterator[None]:
+    def attending_to(
+        self, media: torch.Tensor | None, media_positions: torch.Tensor | None, segments: MediaSegments | None = None
+    ) -> Iterator[None]:
         """Give every block the visual tokens ``(B, M, Q, width)`` and their text positions ``(B, M)`` (default:
-        all before the text) for the LLM calls inside."""
+        all before the text) for the LLM calls inside; ``segments`` for packed rows."""
         if media is not None and media_positions is None:
             media_positions = torch.zeros(media.shape[:2], dtype=torch.long, device=media.device)
         with ExitStack() as stack:
             for block in self.blocks.values():
-                stack.enter_context(block.attending_to(media, media_positions))
+                stack.enter_context(block.attending_to(media, media_positions, segments))
             yield
 
 

@@ -1,6 +1,16 @@
 """Training pieces: the optimiser, callbacks, and (in :mod:`lynx_zoo.training.distributed`) scale-out."""
 
 from lynx_zoo.training.callbacks import HeldOutReport, SkippedSampleReport, majority_rates
+from lynx_zoo.training.compile import CompileRegions, compile_regions
 from lynx_zoo.training.optim import OptimizerConfig, build_optimizer, lr_factor
 
-__all__ = ["HeldOutReport", "OptimizerConfig", "SkippedSampleReport", "build_optimizer", "lr_factor", "majority_rates"]
+__all__ = [
+    "CompileRegions",
+    "HeldOutReport",
+    "OptimizerConfig",
+    "SkippedSampleReport",
+    "build_optimizer",
+    "compile_regions",
+    "lr_factor",
+    "majority_rates",
+]

@@ -146,8 +146,9 @@ def sharding_units(model: LynxModel) -> list[nn.Module | list[nn.Module]]:
     Each vision block, bridge layer, fusion block (:meth:`LynxModel.fusion_blocks`; its own unit: a block that runs
     before its decoder layer does so before the layer's unshard) and decoder layer (with its adapter) is a unit;
     so are the input embeddings (PT calls them outside the LLM's forward) and the output head (grouped with the
-    embeddings when tied), then the vision tower, the bridge and the LLM. The model itself is the root (it catches
-    any other parameter).
+    embeddings when tied), then the LLM's decoder (the training loss calls it and the head on their own, outside
+    the LLM's forward: :func:`~lynx_zoo.fusion.base.answer_only_loss`), the vision tower, the bridge and the LLM.
+    The model itself is the root (it catches any other parameter).
     """
     units: list[nn.Module | list[nn.Module]] = []
     units += list(model.vision.blocks)
@@ -159,7 +160,7 @@ def sharding_units(model: LynxModel) -> list[nn.Module | list[nn.Module]]:
         units.append([embeddings, head])  # tied: one unit, so the shared weight is sharded once
     else:
         units += [embeddings] + ([head] if head is not None else [])
-    units += [model.vision, model.bridge, model.llm]
+    units += [model.llm.get_decoder(), model.vision, model.bridge, model.llm]
     return units
 
 

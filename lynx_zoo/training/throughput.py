@@ -19,11 +19,15 @@ out (model FLOPs, not hardware FLOPs).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
 from torch import nn
 
+from lynx_zoo.data.packing import PackedRows, samples_in
+from lynx_zoo.data.processor import IGNORE_INDEX
 from lynx_zoo.llm.layers import decoder_layers
 
 if TYPE_CHECKING:
@@ -52,10 +56,23 @@ def _cost(frozen_fwd: float, trainable_fwd: float, grad_in: bool, backward: bool
 
 
 def lynx_step_flops(
-    model: LynxModel, batch_size: int, text_tokens: int, images_per_sample: int = 1, backward: bool = True
+    model: LynxModel,
+    batch_size: int,
+    text_tokens: int,
+    images_per_sample: int = 1,
+    backward: bool = True,
+    *,
+    text_lengths: Sequence[int] | None = None,
+    head_tokens: int | None = None,
 ) -> float:
     """Model FLOPs of one forward (+ backward) of ``batch_size`` samples of ``text_tokens`` tokens with
-    ``images_per_sample`` images (video frames) each; the formula is in the module docstring."""
+    ``images_per_sample`` images (video frames) each; the formula is in the module docstring.
+
+    ``text_lengths`` gives each sample's own text tokens instead (samples of packed rows, or the real lengths of a
+    padded batch: attention is counted within each sample); ``head_tokens`` the positions the LM head runs on (the
+    target tokens, with the answer-only loss; default: every LLM token)."""
+    lengths = list(text_lengths) if text_lengths is not None else [text_tokens] * batch_size
+    batch_size = len(lengths)
     vision_tokens = model.vision.num_tokens
     images = batch_size * images_per_sample
 
@@ -80,24 +97,26 @@ def lynx_step_flops(
 
     # LLM: decoder layers in order (adapters and fusion blocks with them), then the output head
     media = visual_tokens * images_per_sample
-    tokens = text_tokens + (media if model.media_in_sequence else 0)
+    tokens = [length + (media if model.media_in_sequence else 0) for length in lengths]
     llm_grad = (grad_flows and model.media_in_sequence) or _numel(model.llm.get_input_embeddings(), True) > 0
     width = model.llm_width
     fusion_blocks = model.fusion_blocks()
     for index, layer in enumerate(decoder_layers(model.llm)):
         block = fusion_blocks.get(index)
         if block is not None:  # a fusion block runs before its layer
-            work = batch_size * block.forward_flops(tokens, media)
+            work = sum(block.forward_flops(t, media) for t in tokens)
             block_trainable = _numel(block, True) > 0
             total += _cost(0 if block_trainable else work, work if block_trainable else 0, llm_grad, backward)
             llm_grad = llm_grad or block_trainable or grad_flows
         own = [(p, p.requires_grad) for p in layer.parameters() if block is None or not _holds(block, p)]
-        frozen = batch_size * (2.0 * sum(p.numel() for p, t in own if not t) * tokens + _attention(width, 1, tokens))
-        trainable = batch_size * 2.0 * sum(p.numel() for p, t in own if t) * tokens
+        attention = sum(_attention(width, 1, t) for t in tokens)
+        frozen = 2.0 * sum(p.numel() for p, t in own if not t) * sum(tokens) + attention
+        trainable = 2.0 * sum(p.numel() for p, t in own if t) * sum(tokens)
         total += _cost(frozen, trainable, llm_grad, backward)
         llm_grad = llm_grad or trainable > 0
     head = model.llm.get_output_embeddings()
-    frozen, trainable = (batch_size * 2.0 * _numel(head, t) * tokens for t in (False, True))
+    through_head = sum(tokens) if head_tokens is None else head_tokens
+    frozen, trainable = (2.0 * _numel(head, t) * through_head for t in (False, True))
     return total + _cost(frozen, trainable, llm_grad, backward)
 
 
@@ -106,21 +125,44 @@ def _holds(module: nn.Module, param: nn.Parameter) -> bool:
 
 
 def batch_size_of(batch: dict[str, Any]) -> int:
-    """Samples in a Lynx batch."""
-    return int(batch["input_ids"].shape[0])
+    """Samples in a Lynx batch (packed rows hold several each)."""
+    return samples_in(batch)
 
 
 def text_tokens_of(batch: dict[str, Any]) -> int:
-    """Real (unpadded) text tokens in a Lynx batch."""
+    """Real (unpadded) tokens in a Lynx batch: the text, and in packed rows the visual tokens of PT."""
     return int(batch["attention_mask"].sum())
+
+
+def text_lengths_of(batch: dict[str, Any], model: LynxModel) -> list[int]:
+    """Each sample's text tokens in a collated batch, padded or packed."""
+    packed = PackedRows.of(batch)
+    if packed is None:
+        return batch["attention_mask"].sum(1).tolist()
+    media = model.media_tokens_in_sequence(images_per_sample_of(batch)) if _has_media(batch) else 0
+    segments = packed.segment_ids
+    counts = torch.stack([(segments == k).sum(1) for k in range(1, int(segments.max()) + 1)], 1)
+    return [int(c) - media for c in counts.flatten() if c > 0]
+
+
+def target_tokens_of(batch: dict[str, Any]) -> int:
+    """Positions of a batch with a target (those the answer-only loss runs the LM head on)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _has_media(batch: dict[str, Any]) -> bool:
+    return batch.get("images") is not None or batch.get("vision_tokens") is not None
 
 
 def images_per_sample_of(batch: dict[str, Any]) -> int:
     """Images (or video frames) per sample: 0 without images."""
     images = batch.get("images")
-    if images is None:
-        return 0
-    return int(images.shape[1]) if images.dim() == 5 else 1
+    if images is not None:
+        return int(images.shape[1]) if images.dim() == 5 else 1
+    tokens = batch.get("vision_tokens")  # a feature cache's
+    if tokens is not None:
+        return int(tokens.shape[1]) if tokens.dim() == 4 else 1
+    return 0
 
 
 class LynxThroughputMonitor(ThroughputMonitor):
@@ -148,9 +190,10 @@ class LynxThroughputMonitor(ThroughputMonitor):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        width = int(batch["input_ids"].shape[1])
+        lengths = text_lengths_of(batch, pl_module)
+        head = target_tokens_of(batch) if pl_module.answer_only_logits else None
         pl_module.flops_per_batch = lynx_step_flops(
-            pl_module, batch_size_of(batch), width, max(1, images_per_sample_of(batch))
+            pl_module, len(lengths), 0, max(1, images_per_sample_of(batch)), text_lengths=lengths, head_tokens=head
         )
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
