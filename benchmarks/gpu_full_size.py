@@ -4,7 +4,7 @@
 * ``fixed_full_logits``: ``--batch`` samples of ``--text`` text tokens, every token a target, the logits of every
   position (the earlier measurement of this script);
 * ``padded_full_logits``, ``padded_answer_only``, ``packed``: the same ``--samples`` instruction samples shaped like
-  LLaVA-665K (``train_throughput.make_samples``: heavy-tailed lengths, answers only as targets), left-padded with
+  LLaVA-665K (``train_throughput.make_samples``: heavy-tailed lengths, answers only as targets; an image round), left-padded with
   every position's logits, left-padded with the answer-only loss, and packed into rows of ``--pack-tokens`` with the
   answer-only loss.
 
@@ -80,7 +80,9 @@ def step_inputs(path: str, model: Any, args: argparse.Namespace) -> tuple[dict[s
         flops = lynx_step_flops(model, args.batch, args.text)
         inputs = {**model_inputs(batch), "return_logits": True}
     else:
-        samples = make_samples(args.samples, 0, model.processor, size)
+        # an image round (batches hold one modality, as the grouped sampler and the mixture draw them)
+        drawn = make_samples(2 * args.samples, 0, model.processor, size)
+        samples = [s for s in drawn if s.image is not None][: args.samples]
         if path == "packed":
             batch = PackingCollate(model.processor, args.pack_tokens, model.media_tokens_in_sequence)(samples)
         else:
