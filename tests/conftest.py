@@ -80,11 +80,15 @@ def make_tiny():
 
 
 @pytest.fixture(autouse=True)
-def fresh_master_port():
-    """Each multi-process run picks a free port of its own: Lightning keeps the first it found in ``MASTER_PORT``,
-    and a later run would bind a port that another process may have taken since."""
+def restored_environment():
+    """Every test ends with the environment it started with. Lightning writes the variables of a distributed run
+    into ``os.environ`` (``MASTER_PORT``: the first free port it found; ``LOCAL_RANK``, ``NODE_RANK``, ...): left
+    there, a later multi-process run would bind a port another process may have taken since, or take itself for
+    an already launched rank and wait forever for the others."""
+    before = dict(os.environ)
     yield
-    os.environ.pop("MASTER_PORT", None)
+    os.environ.clear()
+    os.environ.update(before)
 
 
 @pytest.fixture(scope="module")
