@@ -129,10 +129,18 @@ def export_main(argv: list[str]) -> Path:
     parser.add_argument("--name", help="the variant's name (default: the folder name)")
     parser.add_argument("--model-class", help="for checkpoints that record no class: a registered one (PrefixLynx)")
     parser.add_argument("--register", action="store_true", help="register it locally under its name")
+    parser.add_argument(
+        "--merge-lora",
+        type=Path,
+        metavar="LLM_DIR",
+        help="merge the LoRA updates into a copy of the base LLM written to LLM_DIR; the variant loads it (serving)",
+    )
     args = parser.parse_args(argv)
     from lynx_zoo.hub.export import export_checkpoint
 
-    folder = export_checkpoint(args.ckpt, args.out, name=args.name, model_class=args.model_class)
+    folder = export_checkpoint(
+        args.ckpt, args.out, name=args.name, model_class=args.model_class, merge_lora=args.merge_lora
+    )
     return _done(folder, args.name, args.register)
 
 
