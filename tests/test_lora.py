@@ -120,9 +120,10 @@ def test_export_stores_the_lora_weights_only_and_reloads_them(tmp_path, bases):
     reloaded = load_model(folder)
     inputs = fixed_inputs()
     assert torch.equal(reloaded(**inputs).logits, model(**inputs).logits)
-    assert "| adapter kind | LoRA (peft): rank 4, alpha 16, dropout 0, on q_proj, v_proj, down_proj |" in (
-        folder / "README.md"
-    ).read_text()
+    assert (
+        "| adapter kind | LoRA (peft): rank 4, alpha 16, dropout 0, on q_proj, v_proj, down_proj |"
+        in (folder / "README.md").read_text()
+    )
 
 
 @pytest.mark.parametrize("fusion", ["pt", "ca"])
