@@ -1,6 +1,3 @@
-import sys
+from lynx_zoo.cli import run
 
-from lynx_zoo.cli import main
-
-result = main()
-sys.exit(result if isinstance(result, int) else 0)
+run()

@@ -25,15 +25,21 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.core.datamodule import LightningDataModule
 
 import lynx_zoo  # noqa: F401  (registers the short class names: PrefixLynx, ShapesVQADataModule, ...)
+from lynx_zoo.errors import CheckpointError, one_line, reported_cause
 from lynx_zoo.fusion import LynxModel, registered_models
 from lynx_zoo.resources import SHIPPED_CONFIG, config_path
+from lynx_zoo.training.resume import fix_checkpoint_folders, resume_arguments
 
 PROG = "python -m lynx_zoo"
 
 
 class LynxCLI(LightningCLI):
     """LightningCLI over every :class:`LynxModel` subclass and every DataModule; pick them with
-    ``class_path`` (short names work for the zoo's own classes)."""
+    ``class_path`` (short names work for the zoo's own classes).
+
+    ``fit`` checkpoints into ``<default_root_dir>/checkpoints`` (every ``ModelCheckpoint`` without a ``dirpath``),
+    so ``--ckpt_path last`` finds the last checkpoint of an interrupted run, and is an error when there is none
+    (:mod:`lynx_zoo.training.resume`)."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True, exit_on_error: bool = True) -> None:
         super().__init__(
@@ -47,11 +53,20 @@ class LynxCLI(LightningCLI):
             run=run,
         )
 
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit":
+            fix_checkpoint_folders(self.config[self.subcommand]["trainer"])
+
+    def before_fit(self) -> None:
+        resume_arguments(self.trainer, self.config_init["fit"])
+
 
 @dataclass(frozen=True)
 class Command:
     """A command of ``python -m lynx_zoo``: a line of help, the function that runs it on its arguments, and the
-    errors that mean bad input (a file, a name, a value), reported in one line rather than a traceback."""
+    errors that mean bad input (a file, a name, a value), reported in one line rather than a traceback. Every
+    command also reports a :class:`~lynx_zoo.errors.ReportedError` that it raised or that a library wrapped (a
+    config value, a data file, a checkpoint, a run that failed) in one line; anything else keeps its traceback."""
 
     help: str
     run: Callable[[list[str]], Any]
@@ -68,6 +83,8 @@ def _lightning(subcommand: str) -> Callable[[list[str]], Any]:
                 warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
                 return LynxCLI(args=[subcommand, *argv], exit_on_error=False)
         except ArgumentError as err:
+            if reported_cause(err) is not None:
+                raise  # a config value's own check: main() reports its message
             sys.exit(f"{PROG} {subcommand}: error: {explain_error(str(err))}")
 
     return run
@@ -86,6 +103,7 @@ COMMANDS: dict[str, Command] = {
     "test": Command("run a model's test loop on a DataModule (LightningCLI)", _lightning("test"), ()),
     "predict": Command("run a model's predict loop on a DataModule (LightningCLI)", _lightning("predict"), ()),
     "ask": Command("answer a question about an image or video file", _lazy("lynx_zoo.hub.cli", "ask_main")),
+    "serve": Command("serve a model: OpenAI-compatible API and a chat page", _lazy("lynx_zoo.serving", "main")),
     "chat": Command("answer questions read from stdin, one a line", _lazy("lynx_zoo.hub.cli", "chat_main")),
     "evaluate": Command(
         "evaluate models on benchmarks (VQA, Open-VQA, MME, OwlEval)",
@@ -93,6 +111,11 @@ COMMANDS: dict[str, Command] = {
         (OSError, ValueError, RuntimeError, ImportError),  # a judge's failures are RuntimeErrors (JudgeError)
     ),
     "report": Command("tables and charts of evaluation results", _lazy("lynx_zoo.evaluation.cli", "report_main")),
+    "lmms-task": Command(
+        "write lmms-eval tasks from VQA manifests and MME folders",
+        _lazy("lynx_zoo.evaluation.lmms_tasks", "main"),
+        (OSError, ValueError, ImportError),
+    ),
     "stages": Command("train a grid row through the paper's stages", _lazy("lynx_zoo.stages", "main")),
     "study": Command(
         "the frozen-LLM study on a CPU: stage 0, every row over 3 seeds, the report",
@@ -136,8 +159,18 @@ def main(args: list[str] | None = None) -> Any:
     command = COMMANDS[name]
     try:
         return command.run(rest)
-    except command.input_errors as err:
-        sys.exit(f"{PROG} {name}: error: {err}")
+    except Exception as err:
+        cause = err if isinstance(err, command.input_errors) else reported_cause(err)
+        if cause is None:
+            raise  # a bug: its traceback is what helps
+        sys.exit(f"{PROG} {name}: error: {one_line(cause)}")
+
+
+def run() -> None:
+    """The process entry point (``python -m lynx_zoo``, the ``lynx-zoo`` script): :func:`main`, and its exit status
+    (a command that returns no status succeeded)."""
+    result = main()
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 def shipped_config_args(argv: list[str]) -> list[str]:
@@ -166,8 +199,10 @@ def check_checkpoint_class(argv: list[str]) -> None:
         if path.is_file():
             try:
                 checkpoint_class(read_checkpoint(path), path)
-            except ValueError as err:
-                sys.exit(f"{PROG}: error: {err}")
+            except CheckpointError:
+                raise
+            except ValueError as err:  # a class the registry does not hold
+                raise CheckpointError(str(err)) from err
 
 
 def _choices(given: str, valid: list[str]) -> str:
@@ -183,7 +218,7 @@ def _subclass_names(base: type) -> list[str]:
     while stack:
         cls = stack.pop()
         for sub in cls.__subclasses__():
-            if sub.__module__.startswith("lynx_zoo"):
+            if sub.__module__.startswith("lynx_zoo") and not inspect.isabstract(sub):
                 found.add(sub.__name__)
             stack.append(sub)
     return sorted(found)
@@ -199,16 +234,19 @@ def _accepted_options(class_path: str) -> list[str]:
 
 def explain_error(message: str) -> str:
     """A short, actionable message for a config error: what is wrong, and the valid choices."""
-    option = re.search(r"class_path '([\w.]+)':\s*\n\s*Option '(\w+)' is not accepted", message)
+    option = re.search(r"class_path '([\w.]+)':\s*\n\s*Option '([\w.]+)' is not accepted", message)
     if option:
         class_path, key = option.groups()
-        name = class_path.rpartition(".")[2]
+        name, key = class_path.rpartition(".")[2], key.partition(".")[0]  # a misspelt section: its first key
         return f"unknown option {key!r} for {name}: {_choices(key, _accepted_options(class_path))}"
-    unknown_class = re.search(r'Parser key "(model|data)":.*?Given value: (\S+)', message, re.S)
-    if unknown_class and "import path" in message:
-        section, given = unknown_class.groups()
-        base = LynxModel if section == "model" else L.LightningDataModule
-        return f"unknown {section} class {given!r}: {_choices(given.rpartition('.')[2], _subclass_names(base))}"
+    section = re.match(r'Parser key "(model|data)":', message)
+    given = re.search(r"Expected a dot import path string: (\S+)", message) or re.search(
+        r"Problem with given class_path '([^']+)':\s*\n\s*(?:No module named|module '[^']*' has no attribute)", message
+    )
+    if section and given:
+        kind, name = section.group(1), given.group(1)
+        base = LynxModel if kind == "model" else L.LightningDataModule
+        return f"unknown {kind} class {name!r}: {_choices(name.rpartition('.')[2], _subclass_names(base))}"
     unrecognized = re.search(r"unrecognized arguments: --trainer\.(\w+)", message)
     if unrecognized:
         key = unrecognized.group(1)

@@ -10,6 +10,8 @@ from typing import Any, Union
 import torch
 from PIL import Image
 
+from lynx_zoo.data.images import DEFAULT_MAX_IMAGE_PIXELS, open_rgb
+
 # ``generate(..., preset=NAME)``: transformers generation settings (explicit keyword arguments win), plus ``seed``.
 GENERATION_PRESETS: dict[str, dict[str, Any]] = {
     # the released Lynx evaluation (configs/LYNX.yaml and generate.sh of bytedance/lynx-llm): beam sampling
@@ -61,38 +63,39 @@ VideoLike = Union[str, Path, Sequence[ImageLike], torch.Tensor]
 Transform = Callable[[Image.Image], torch.Tensor]
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """An RGB image from a file; an unreadable file is an ``OSError`` naming it."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except OSError as err:
-        raise OSError(f"cannot read image {path}: {err}") from err
+def open_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """An RGB image from a file; a :class:`~lynx_zoo.errors.MediaError` (an ``OSError``) naming it when it cannot be
+    used: unreadable, not an image, degenerate, or over ``max_pixels`` (a decompression bomb)."""
+    return open_rgb(path, max_pixels=max_pixels)
 
 
-def _image_tensor(item: ImageLike, transform: Transform) -> torch.Tensor:
+def _image_tensor(item: ImageLike, transform: Transform, where: str) -> torch.Tensor:
     if isinstance(item, torch.Tensor):
-        if item.dim() != 3:
-            raise ValueError(f"generate: an image tensor must be (3, H, W) and transformed, got {tuple(item.shape)}")
+        if item.dim() != 3 or 0 in item.shape:
+            raise ValueError(f"generate: {where}: a tensor must be (3, H, W) and transformed, got {tuple(item.shape)}")
         return item
     if isinstance(item, (str, Path)):
         return transform(open_image(item))
     if isinstance(item, Image.Image):
+        if item.width < 1 or item.height < 1:
+            raise ValueError(f"generate: {where}: a degenerate PIL image of {item.width}x{item.height} pixels")
         return transform(item.convert("RGB"))
     raise TypeError(
-        f"generate: an image must be a PIL image, a file path or a (3, H, W) tensor, got {type(item).__name__}"
+        f"generate: {where}: must be a PIL image, a file path or a (3, H, W) tensor, got {type(item).__name__}"
     )
 
 
 def image_batch(images: Sequence[ImageLike] | torch.Tensor, transform: Transform) -> torch.Tensor:
     """``(B, 3, H, W)`` from PIL images, file paths, transformed ``(3, H, W)`` tensors, or a batch tensor."""
     if isinstance(images, torch.Tensor):
-        if images.dim() not in (4, 5):
-            raise ValueError(f"generate: images must be (B, 3, H, W) (or videos (B, T, 3, H, W)), got {images.shape}")
+        if images.dim() not in (4, 5) or 0 in images.shape[1:]:
+            raise ValueError(
+                f"generate: images must be (B, 3, H, W) (or videos (B, T, 3, H, W)), got {tuple(images.shape)}"
+            )
         return images
     if isinstance(images, (str, Path, Image.Image)):
         raise TypeError("generate: `images` is a batch: pass a list, e.g. images=[image]")
-    return torch.stack([_image_tensor(item, transform) for item in images])
+    return torch.stack([_image_tensor(item, transform, f"image {i}") for i, item in enumerate(images)])
 
 
 def video_batch(videos: Sequence[VideoLike] | torch.Tensor, transform: Transform, num_frames: int) -> torch.Tensor:
@@ -117,7 +120,7 @@ def video_batch(videos: Sequence[VideoLike] | torch.Tensor, transform: Transform
         if isinstance(frames, torch.Tensor):
             clip = frames
         else:
-            clip = torch.stack([_image_tensor(frame, transform) for frame in frames])
+            clip = torch.stack([_image_tensor(frame, transform, f"frame {k}") for k, frame in enumerate(frames)])
         if clip.dim() != 4 or clip.shape[0] != num_frames:
             raise ValueError(
                 f"generate: a video must have {num_frames} frames (vision.num_frames), got shape {tuple(clip.shape)}"

@@ -158,7 +158,11 @@ def fit(
     # the stopped run checkpoints as a real run does, at the end of its epoch (STOP_AT = one epoch)
     saver = ModelCheckpoint(dirpath=out, filename="stop", save_on_train_epoch_end=True) if stop_at else None
     # the full run exports its variant as ExportVariant does in the configs: gathered from the shards
-    exporter = ExportVariant(name=f"{fusion}-{name}", out=str(out / f"{name}-variant")) if name == "full" else None
+    exporter = (
+        ExportVariant(name=f"{fusion}-{name}", out=str(out / f"{name}-variant"))
+        if name == "full" and devices > 1
+        else None
+    )
     if devices == 1:
         strategy_used: Any = "auto"
     else:

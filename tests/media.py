@@ -1,10 +1,13 @@
-"""Real media for data tests: scikit-image's bundled photographs, clips encoded with PyAV, tar shards."""
+"""Real media for data tests: scikit-image's bundled photographs, clips encoded with PyAV, tar shards, and broken
+files of every kind (a decompression bomb, truncated, empty, text, missing)."""
 
 from __future__ import annotations
 
 import io
 import json
+import struct
 import tarfile
+import zlib
 from pathlib import Path
 
 import av
@@ -94,3 +97,34 @@ def write_shards(folder: Path, num_shards: int, per_shard: int, size: int = 32) 
                     tar.addfile(info, io.BytesIO(payload))
                 keys.append(key)
     return keys
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_bomb(side: int = 20000) -> bytes:
+    """A valid 1-bit greyscale PNG of ``side`` x ``side`` pixels (400 million at 20000) in about 60 KB of zeros: a
+    decompression bomb (decoded as RGB it would take 1.2 GB)."""
+    row = bytes(1 + (side + 7) // 8)  # filter byte 0, then the bits of the row
+    compressor = zlib.compressobj(9)
+    idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def write_broken_images(folder: Path) -> dict[str, str]:
+    """Broken image files in ``folder``, by fault: a 20000 x 20000 PNG bomb, a truncated PNG, a zero-byte file, text
+    saved as ``.png``, and a missing file's name. Returns ``fault -> file name``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    whole = io.BytesIO()
+    photo("coffee", 48).save(whole, format="PNG")
+    files = {
+        "bomb": ("bomb.png", png_bomb()),
+        "truncated": ("truncated.png", whole.getvalue()[: len(whole.getvalue()) // 2]),
+        "empty": ("empty.png", b""),
+        "text": ("text.png", b"this is not an image\n"),
+    }
+    for name, data in files.values():
+        (folder / name).write_bytes(data)
+    return {fault: name for fault, (name, _) in files.items()} | {"missing": "missing.png"}

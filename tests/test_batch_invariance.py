@@ -50,6 +50,7 @@ def model(request, make_tiny):
     return model.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["images", "videos", "text"])
 def test_greedy_answers_do_not_depend_on_batch_size_or_padding(model, kind):
     g = torch.Generator().manual_seed(11)

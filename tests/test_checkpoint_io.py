@@ -65,6 +65,7 @@ def kill_during_second_save(kind: str, path: Path) -> None:
     assert process.returncode == -signal.SIGKILL
 
 
+@pytest.mark.slow
 def test_sigkill_mid_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     path = tmp_path / "last.ckpt"
     kill_during_second_save("atomic", path)
@@ -75,6 +76,7 @@ def test_sigkill_mid_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name != "last.ckpt"][0].startswith(".last.ckpt.")
 
 
+@pytest.mark.slow
 def test_the_same_kill_corrupts_a_checkpoint_written_in_place(tmp_path):
     path = tmp_path / "last.ckpt"
     kill_during_second_save("naive", path)

@@ -18,6 +18,7 @@ def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cli_fits_the_tiny_config_and_the_checkpoint_reloads(tmp_path):
     result = run_cli(
         "fit",
@@ -36,6 +37,7 @@ def test_cli_fits_the_tiny_config_and_the_checkpoint_reloads(tmp_path):
     assert model.adapter_layers == [0, 2]
 
 
+@pytest.mark.slow
 def test_switching_pt_to_ca_with_every_other_key_unchanged_trains(tmp_path):
     result = run_cli(
         "fit",
@@ -54,6 +56,7 @@ def test_switching_pt_to_ca_with_every_other_key_unchanged_trains(tmp_path):
     assert list(model.fusion_blocks().values())[0].attn_gate.abs().item() > 0
 
 
+@pytest.mark.slow
 def test_print_config_shows_the_resolved_model():
     result = run_cli("fit", "--config", "configs/tiny.yaml", "--print_config")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -76,6 +79,7 @@ def test_print_config_shows_the_resolved_model():
         (["--trainer.max_stepz=3"], "unknown trainer option 'max_stepz': did you mean 'max_steps'?"),
     ],
 )
+@pytest.mark.slow
 def test_misspelt_keys_and_classes_are_named_with_choices(args, expected):
     result = run_cli("fit", "--config", "configs/tiny.yaml", *args)
     assert result.returncode != 0

@@ -27,6 +27,7 @@ def test_blocks_go_where_asked(make_tiny):
     assert CrossAttnConfig().layer_indices(32) == [3, 7, 11, 15, 19, 23, 27, 31]  # OpenFlamingo on LLaMA-7B
 
 
+@pytest.mark.slow
 def test_closed_gates_give_exactly_the_frozen_llm(make_tiny):
     model = make_tiny(CrossAttnLynx, **CA)
     batch = model.processor(samples())
@@ -87,6 +88,7 @@ def test_gradients_reach_only_the_configured_parts(make_tiny, llm_trainable, pre
         assert (param.grad is not None) == (expected and name != "frame_position"), name  # no video here
 
 
+@pytest.mark.slow
 def test_generation_with_greedy_and_beams(make_tiny):
     model = make_tiny(CrossAttnLynx, **CA)
     open_gates(model)

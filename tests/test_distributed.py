@@ -58,6 +58,7 @@ def assert_same_weights(a: dict, b: dict, atol: float) -> None:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_fsdp2_shards_params_and_optimizer_state_and_skips_frozen(runs, fusion):
     facts = load(runs, fusion, "full")["facts"]
@@ -71,6 +72,7 @@ def test_fsdp2_shards_params_and_optimizer_state_and_skips_frozen(runs, fusion):
     assert single["optimizer_states"] == facts["optimizer_states"] and single["params_local_total"] == (total, total)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_fsdp2_matches_one_process_on_the_same_global_batch(runs, fusion):
     fsdp, single = load(runs, fusion, "full"), load(runs, fusion, "single")
@@ -82,6 +84,7 @@ def test_fsdp2_matches_one_process_on_the_same_global_batch(runs, fusion):
     assert any(not torch.equal(initial[k], v) for k, v in fsdp["state"].items())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_stop_and_resume_from_the_sharded_checkpoint_reaches_the_same_weights(runs, fusion):
     full, stop, resumed = (load(runs, fusion, name) for name in ("full", "stop", "resumed"))
@@ -92,6 +95,7 @@ def test_stop_and_resume_from_the_sharded_checkpoint_reaches_the_same_weights(ru
     assert len(list((runs / fusion / "stop.ckpt").glob("*.distcp"))) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_sharded_checkpoint_consolidates_into_one_loadable_file(runs, fusion, tmp_path):
     path = consolidate_checkpoint(runs / fusion / "stop.ckpt", tmp_path / "stop.ckpt")
@@ -101,6 +105,7 @@ def test_sharded_checkpoint_consolidates_into_one_loadable_file(runs, fusion, tm
         consolidate_checkpoint(tmp_path, tmp_path / "x.ckpt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_activation_checkpointing_under_fsdp2_changes_nothing(runs, fusion):
     full, ckpt = load(runs, fusion, "full"), load(runs, fusion, "ckpt")
@@ -223,6 +228,7 @@ def test_sharded_folders_are_swapped_in_whole(tmp_path):
     assert surviving_checkpoint(tmp_path / "other.ckpt") == tmp_path / "other.ckpt"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_a_variant_exported_from_fsdp2_loads_in_a_fresh_process_with_the_single_process_logits(runs, fusion):
     """ExportVariant gathers the shards: the variant equals the trained model, in a process that never saw FSDP."""
@@ -245,6 +251,7 @@ def test_a_variant_exported_from_fsdp2_loads_in_a_fresh_process_with_the_single_
     assert torch.equal(torch.load(runs / fusion / "variant-logits.pt"), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["unreadable", "unreadable_ddp"])
 def test_a_rank_with_an_all_unreadable_batch_still_takes_part_and_the_run_finishes(runs, run):
     result = load(runs, "pt", run)

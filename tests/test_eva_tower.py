@@ -139,6 +139,7 @@ def images(size: int) -> torch.Tensor:
     return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
 
 
+@pytest.mark.slow
 def test_the_raw_eva_file_loads_at_420_and_matches_the_release(tmp_path, caplog):
     state = raw_eva_file_state()
     path = tmp_path / "eva_vit_g.pth"
@@ -154,6 +155,7 @@ def test_the_raw_eva_file_loads_at_420_and_matches_the_release(tmp_path, caplog)
     torch.testing.assert_close(tokens, release_tokens(state, pixels), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_lynx_checkpoint_tower_loads_at_its_420_and_at_a_second_resolution(tmp_path):
     raw = raw_eva_file_state(seed=1)
     path = tmp_path / "finetune_lynx.pt"

@@ -172,8 +172,8 @@ def test_open_vqa_judgements_are_written_beside_the_predictions_and_cached(run):
                 assert (row["verdict"], row["raw"]) == ("failed", "Perhaps")
             else:
                 assert row["verdict"] == ("yes" if row["gt"] in row["prediction"] else "no")
-        yes = [r["verdict"] == "yes" for r in rows]
-        assert record["summary"]["overall"] == pytest.approx(sum(yes) / len(yes))
+        yes = [r["verdict"] == "yes" for r in rows]  # of the judged answers: a failure is not a wrong answer
+        assert record["summary"]["overall"] == pytest.approx(sum(yes) / sum(r["verdict"] != "failed" for r in rows))
         assert record["judge_failures"] == sum(r["verdict"] == "failed" for r in rows)
     assert run["first_requests"] == len(unique)  # each distinct triple asked once
     assert run["second_requests"] == 0  # the re-run is served from the cache

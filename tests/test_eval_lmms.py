@@ -1,18 +1,23 @@
-"""The lmms-eval adapter against the harness's documented request interface (``Instance.args`` tuples).
+"""The lmms-eval adapter against the harness's request interface (``Instance.args`` tuples).
 
-lmms-eval itself is not installed here (its dependencies are heavy); requests are plain objects
-with the same ``args`` layouts that lmms-eval's tasks build, and ``task_dict`` is filled as the
-harness fills it.
+lmms-eval itself is not installed here (its dependencies are heavy; tests/test_eval_lmms_harness.py runs the real
+harness in its own environment); requests are plain objects with the same ``args`` layouts that lmms-eval's tasks
+build, and ``task_dict`` is filled as the harness fills it.
 """
 
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
+from conftest import tiny_checkpoint
 from PIL import Image
 
+from lynx_zoo import load_model
+from lynx_zoo.cli import main
 from lynx_zoo.data import IGNORE_INDEX, Sample
 from lynx_zoo.evaluation.lmms_eval_plugin import LynxHarnessModel
+from lynx_zoo.hub import export_variant, register_local
 
 
 @dataclass
@@ -82,7 +87,7 @@ def test_text_only_and_image_requests_mix(adapter, docs):
     )
 
 
-def test_loglikelihood_is_the_sum_of_the_continuation_token_log_probs(adapter, docs):
+def test_loglikelihood_is_the_continuations_negative_log_likelihood(adapter, docs):
     model = adapter.model
     continuation = " red circle"
     (score, greedy), (target_score, _) = adapter.loglikelihood(
@@ -100,8 +105,8 @@ def test_loglikelihood_is_the_sum_of_the_continuation_token_log_probs(adapter, d
     image = model.processor.image_transform(docs[0]["image"])[None]
     with torch.no_grad():
         loss = model(ids, torch.ones_like(ids), image, labels).loss
-    assert score == pytest.approx(-loss.item() * len(answer_ids), rel=1e-4)
-    assert score < 0 and isinstance(greedy, bool)
+    assert score == pytest.approx(loss.item() * len(answer_ids), rel=1e-4)
+    assert score > 0 and isinstance(greedy, bool)
 
 
 def test_loglikelihood_flags_the_greedy_continuation(adapter, docs):
@@ -127,7 +132,7 @@ def test_loglikelihood_flags_the_greedy_continuation(adapter, docs):
         ]
     )
     assert [g for _, g in results] == [True, False]
-    assert results[0][0] > results[1][0]
+    assert results[0][0] < results[1][0]  # a loss: the greedy continuation is the likelier one
 
 
 def test_multi_round_feeds_each_answer_to_the_next_round(adapter, docs):
@@ -183,3 +188,86 @@ def test_registered_with_lmms_eval_when_installed():
     assert issubclass(lmms_eval_plugin.LynxLMMS, lmms)
     manifest = lmms_eval_plugin.lmms_eval_manifest()
     assert manifest.model_id == "lynx_zoo" and manifest.simple_class_path.endswith("lmms_eval_plugin.LynxLMMS")
+
+
+def log_prob(model, question: str, image: Image.Image, continuation: str) -> float:
+    """log p(continuation | question, image), from the model's own loss (independent of the adapter)."""
+    prompt = model.processor.encode(Sample(question), with_answer=False)[0]
+    answer = model.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt + answer])
+    labels = torch.tensor([[IGNORE_INDEX] * len(prompt) + answer])
+    with torch.no_grad():
+        loss = model(ids, torch.ones_like(ids), model.processor.image_transform(image)[None], labels).loss
+    return -loss.item() * len(answer)
+
+
+def test_the_harness_argmin_picks_the_most_likely_choice(adapter, docs):
+    """lmms-eval scores multiple choice with ``pred = np.argmin(lls)`` over a question's choices (api/task.py)."""
+    choices = [" red", " blue", " green", " yellow", " purple", " top left"]  # one- and two-token choices
+    for index, doc in enumerate(docs):
+        requests = [Request((doc["question"], c, visual, index, "shapes", "test")) for c in choices]
+        lls = [value for value, _ in adapter.loglikelihood(requests)]
+        log_probs = [log_prob(adapter.model, doc["question"], doc["image"], c) for c in choices]
+        assert np.argmin(lls) == np.argmax(log_probs)
+        assert list(np.argsort(lls)) == list(np.argsort(log_probs)[::-1])  # the whole ranking, most likely first
+
+
+def test_requests_without_a_document_are_refused_by_name(adapter):
+    # what lmms-eval sends for acc_mutual_info: (context, continuation) only
+    with pytest.raises(ValueError, match="acc_mutual_info"):
+        adapter.loglikelihood([Request(("", " red"))])
+
+
+def test_pretrained_takes_a_checkpoint_a_variant_folder_and_a_variant_name(tmp_path, monkeypatch, docs):
+    monkeypatch.setenv("LYNX_ZOO_VARIANTS", str(tmp_path / "variants"))
+    checkpoint = tiny_checkpoint(tmp_path / "run" / "last.ckpt", seed=3, class_path="PrefixLynx")
+    folder = export_variant(load_model(checkpoint), tmp_path / "exported")
+    register_local("lynx-demo", folder)
+    requests = [
+        Request((d["question"], {"max_new_tokens": 3}, visual, i, "shapes", "test")) for i, d in enumerate(docs)
+    ]
+    scored = [Request((docs[0]["question"], " red circle", visual, 0, "shapes", "test"))]
+    outputs = []
+    for pretrained in (str(checkpoint), str(folder), "lynx-demo"):
+        harness = LynxHarnessModel(pretrained=pretrained, device="cpu", batch_size="2")
+        harness.task_dict = {"shapes": {"test": docs}}
+        outputs.append((harness.generate_until(requests), harness.loglikelihood(scored)))
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert all(outputs[0][0])
+    with pytest.raises(FileNotFoundError, match="no variant folder and no known variant"):
+        LynxHarnessModel(pretrained="lynx-dem0")
+
+
+def test_batch_size_is_a_positive_number_or_auto(make_tiny):
+    model = make_tiny()
+    assert LynxHarnessModel(model=model, batch_size="8").batch_size == 8
+    for wrong in ("0", "eight", "-2", "auto:x"):
+        with pytest.raises(
+            ValueError, match=f"batch_size: expected a positive integer, 'auto' or 'auto:N', got '{wrong}'"
+        ):
+            LynxHarnessModel(model=model, batch_size=wrong)
+    for auto in ("auto", "auto:4"):
+        with pytest.raises(ValueError, match=rf"batch_size={auto}: .* GPU memory, but the model runs on cpu; give a"):
+            LynxHarnessModel(model=model, batch_size=auto)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="batch_size=auto probes GPU memory")
+def test_batch_size_auto_finds_a_batch_that_fits_on_a_gpu(make_tiny, docs):
+    harness = LynxHarnessModel(model=make_tiny().cuda(), batch_size="auto", max_batch_size=48)
+    assert harness.batch_size == 32 and harness.batch_sizes == {"auto": 32}  # a tiny model: the largest power of 2
+    harness.task_dict = {"shapes": {"test": docs}}
+    requests = [
+        Request((d["question"], {"max_new_tokens": 3}, visual, i, "shapes", "test")) for i, d in enumerate(docs)
+    ]
+    assert all(harness.generate_until(requests))
+
+
+def test_lmms_task_without_the_extra_names_it(shapes_root, tmp_path):
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("the lmms-eval extra is installed here: tests/test_eval_lmms_harness.py writes tasks")
+    with pytest.raises(SystemExit, match=r"lmms-task: error: .*pip install 'lynx-zoo\[lmms-eval\]'"):
+        main(["lmms-task", "--vqa", f"shapes={shapes_root / 'val.jsonl'}", "--out", str(tmp_path)])

@@ -66,6 +66,7 @@ def test_outside_fusion_trains_with_the_cli_and_reloads(plugin, my_fusion, tmp_p
     assert len(model.generate(torch.randn(1, 3, 32, 32), ["how many shapes are there?"], max_new_tokens=2)) == 1
 
 
+@pytest.mark.slow
 def test_closed_gates_equal_the_llm_and_its_flops_are_counted(my_fusion):
     torch.manual_seed(0)
     wider = dict(model_type="llama", hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,

@@ -38,6 +38,7 @@ def test_every_config_has_a_variant_and_a_card():
     assert {p.stem for p in CARDS.glob("*.md")} == set(VARIANTS)
 
 
+@pytest.mark.slow
 def test_the_cards_are_what_the_configs_generate():
     assert stale_cards(CARDS) == [], "run: python -m lynx_zoo cards"
 
@@ -52,6 +53,7 @@ def _num_layers(llm: LLMConfig) -> int:
     return SMOLLM2_LAYERS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant_id", sorted(VARIANTS))
 def test_card_states_the_config(variant_id):
     info = VARIANTS[variant_id]

@@ -14,6 +14,8 @@ import torch
 from lynx_zoo import PrefixLynx, load_model, load_pretrained
 from lynx_zoo.cli import main
 
+pytestmark = pytest.mark.slow  # each test runs a real process or a GGUF model
+
 REPO = Path(__file__).resolve().parents[1]
 
 

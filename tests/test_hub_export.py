@@ -27,6 +27,7 @@ def bases(tmp_path_factory) -> dict:
     return write_bases(tmp_path_factory.mktemp("bases"))
 
 
+@pytest.mark.slow
 def test_export_then_load_in_a_fresh_process_gives_identical_logits_and_generations(tmp_path, bases):
     model = make_model(bases)
     inputs = fixed_inputs()
@@ -86,6 +87,7 @@ def test_the_added_embedding_row_is_rebuilt_from_the_base_not_stored(tmp_path, b
     assert torch.equal(loaded.llm.get_input_embeddings().weight, embeddings)
 
 
+@pytest.mark.slow
 def test_random_weight_bases_are_stored_whole(tmp_path):
     model = make_model()  # tower and LLM built with random weights: not reproducible from any base
     folder = export_variant(model, tmp_path / "variant")

@@ -123,6 +123,7 @@ def expected_skips(data: MixtureDataModule, epoch: int) -> Counter:
     return counts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fusion", [PrefixLynx, CrossAttnLynx])
 def test_bad_input_never_stops_a_run_and_the_skips_are_counted_exactly(make_tiny, mixed_data, tmp_path, fusion):
     model = make_tiny(fusion)
@@ -147,6 +148,7 @@ def test_strict_mode_names_the_file(make_tiny, mixed_data, tmp_path):
         trainer(tmp_path, max_steps=1).fit(make_tiny(), datamodule=mixture(mixed_data, strict=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [3, 5], ids=["mid-epoch", "at-the-epoch-end"])
 def test_stop_and_resume_continues_with_the_next_unseen_batches(make_tiny, mixed_data, tmp_path, stop):
     full, first, rest = Recorder(), Recorder(), Recorder()
@@ -171,6 +173,7 @@ def test_stop_and_resume_continues_with_the_next_unseen_batches(make_tiny, mixed
         torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.slow
 def test_held_out_image_and_video_sources_are_validated_with_per_category_accuracy(make_tiny, mixed_data, tmp_path):
     held_out = [
         ImageTextSource(str(mixed_data / "images.jsonl"), name="images_val", task="vqa"),
@@ -184,6 +187,7 @@ def test_held_out_image_and_video_sources_are_validated_with_per_category_accura
     assert 0.0 <= float(metrics["val/acc/all"]) <= 1.0  # the manifests have no categories: one "all" metric
 
 
+@pytest.mark.slow
 def test_a_ddp_run_on_2_ranks_with_2_workers_each_reads_every_shard_sample_once(make_tiny, tmp_path):
     keys = write_shards(tmp_path / "shards", num_shards=8, per_shard=6, size=16)
     source = ShardSource(str(tmp_path / "shards" / "*.tar"), name="pairs")
@@ -196,6 +200,7 @@ def test_a_ddp_run_on_2_ranks_with_2_workers_each_reads_every_shard_sample_once(
     assert sorted(seen) == sorted(keys) and len(set(seen)) == 48
 
 
+@pytest.mark.slow
 def test_reloaded_dataloaders_go_on_to_the_next_epoch_of_the_mixture(make_tiny, mixed_data, tmp_path):
     plain, reloaded = Recorder(), Recorder()
     trainer(tmp_path / "a", max_epochs=3, callbacks=[plain]).fit(
@@ -208,6 +213,7 @@ def test_reloaded_dataloaders_go_on_to_the_next_epoch_of_the_mixture(make_tiny, 
     assert plain.ids[0:2] != plain.ids[2:4] != plain.ids[4:6]  # three different epochs, not one repeated
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fusion", [PrefixLynx, CrossAttnLynx])
 def test_ddp_trains_on_text_only_image_and_video_batches_alike(make_tiny, mixed_data, tmp_path, fusion):
     # DDP (find_unused_parameters off) wants a gradient for every trainable parameter at every step

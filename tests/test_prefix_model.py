@@ -115,6 +115,7 @@ def fit_tiny(make_tiny, shapes_root, tmp_path, steps):
     return model, data, trainer
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_and_reloads_identically(make_tiny, shapes_root, tmp_path):
     torch.manual_seed(0)
     model, data, trainer = fit_tiny(make_tiny, shapes_root, tmp_path, steps=40)
@@ -140,6 +141,7 @@ def test_tiny_model_learns_and_reloads_identically(make_tiny, shapes_root, tmp_p
     )
 
 
+@pytest.mark.slow
 def test_generate_greedy_beam_and_sampling(make_tiny):
     model = make_tiny()
     images = [Image.new("RGB", (40, 40), (200, 30, 30)), Image.new("RGB", (40, 40), (30, 30, 200))]
@@ -154,6 +156,7 @@ def test_generate_greedy_beam_and_sampling(make_tiny):
         model.generate(images[:1], prompts)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fusion", ["PrefixLynx", "CrossAttnLynx"])
 def test_bf16_frozen_llm_with_fp32_trainable_parts(make_tiny, fusion):
     import lynx_zoo

@@ -39,6 +39,7 @@ def test_the_lynx_preset_is_the_releases_and_lynx_beam_its_deterministic_search(
     assert real_lynx_init_args()["eval_generation"] == RELEASE
 
 
+@pytest.mark.slow
 def test_a_seeded_preset_repeats_and_leaves_the_global_generator_alone(make_tiny):
     model = make_tiny().eval()
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -17,6 +17,8 @@ from lynx_zoo import PrefixLynx
 from lynx_zoo.data.shapes import write_shapes_vqa
 from lynx_zoo.hub import export_variant
 
+pytestmark = pytest.mark.slow  # each test runs a real process or a GGUF model
+
 EVIL = "from pathlib import Path\nPath('PWNED').write_text('this module ran')\nclass PrefixLynx: pass\n"
 
 

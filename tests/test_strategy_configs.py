@@ -24,6 +24,7 @@ def parse(paths: list[Path]):
     return fit_parser().parse_args(config_args(paths))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("configs", CONFIGS, ids=lambda ps: "+".join(p.stem for p in ps))
 def test_every_strategy_config_composes_with_the_model_config(configs):
     base = parse(configs)

@@ -29,6 +29,7 @@ WIDER_LLM = dict(
     [(PrefixLynx, False), (PrefixLynx, True), (CrossAttnLynx, False)],
     ids=["pt_frozen_llm", "pt_trainable_llm", "ca_frozen_llm"],
 )
+@pytest.mark.slow
 def test_step_flops_match_torch_flop_counter(make_tiny, cls, llm_trainable):
     extra = dict(cross_attn=CrossAttnConfig(every=2, start=1, num_heads=4, head_dim=32)) if cls is CrossAttnLynx else {}
     model = make_tiny(
@@ -50,6 +51,7 @@ def test_step_flops_match_torch_flop_counter(make_tiny, cls, llm_trainable):
     assert (2.0 < ratio < 2.3) if not llm_trainable else (2.8 < ratio < 3.1)
 
 
+@pytest.mark.slow
 def test_throughput_and_mfu_are_logged_during_fit(make_tiny, shapes_root, tmp_path):
     model = make_tiny()
     data = ShapesVQADataModule(

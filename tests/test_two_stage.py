@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from media import save_photos, write_clip, write_shards
@@ -26,6 +27,7 @@ def overlay(path: Path, content: dict) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_stage_two_starts_from_stage_one_at_a_higher_resolution(tmp_path):
     write_shards(tmp_path / "pairs", num_shards=4, per_shard=8)
     photos = save_photos(tmp_path)

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lynx_zoo.errors import ConfigError
+
 
 @dataclass
 class BridgeConfig:
@@ -67,7 +69,7 @@ def register_bridge(name: str) -> Callable[[BridgeBuilder], BridgeBuilder]:
 
 def build_bridge(config: BridgeConfig, vision_width: int, llm_width: int) -> Bridge:
     if config.kind not in BRIDGES:
-        raise ValueError(f"bridge.kind: unknown bridge {config.kind!r}; choose one of {sorted(BRIDGES)}")
+        raise ConfigError(f"bridge.kind: unknown bridge {config.kind!r}; choose one of {sorted(BRIDGES)}")
     return BRIDGES[config.kind](config, vision_width, llm_width)
 
 

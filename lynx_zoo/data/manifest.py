@@ -10,12 +10,14 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+from lynx_zoo.errors import ReportedError
+
 log = logging.getLogger(__name__)
 
 REQUIRED_FIELDS = ("image", "question", "answer")
 
 
-class ManifestError(ValueError):
+class ManifestError(ReportedError, ValueError):
     """A manifest that cannot be used at all (its schema is wrong from the first line)."""
 
 

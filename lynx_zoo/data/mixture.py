@@ -23,11 +23,11 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lynx_zoo.data.datamodule import attached_model
+from lynx_zoo.data.datamodule import LynxDataModule, attached_model
+from lynx_zoo.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from lynx_zoo.data.processor import LynxProcessor, Sample, Skipped
 from lynx_zoo.data.sources import LoadContext, Source
 from lynx_zoo.data.templates import InstructionTemplates
@@ -224,7 +224,7 @@ class MixtureStream(IterableDataset):
     def load_batch(self, source_index: int, indices: np.ndarray, j: int) -> dict[str, Any]:
         source = self.schedule.sources[source_index]
         seed = f"{self.schedule.seed}/{self.epoch}/{self.schedule.rank}/{j}"
-        samples: list[Sample | Skipped] = [source.load(int(i), f"{seed}/{k}") for k, i in enumerate(indices)]
+        samples: list[Sample | Skipped] = [source.read_sample(int(i), f"{seed}/{k}") for k, i in enumerate(indices)]
         batch = self.collate(samples)
         batch["source"] = source.name
         return batch
@@ -286,7 +286,7 @@ class MixtureLoader(DataLoader):
         position["next_epoch"] = state["epoch"] + 1 if finished else state["epoch"]
 
 
-class MixtureDataModule(L.LightningDataModule):
+class MixtureDataModule(LynxDataModule):
     """Sources sampled by ratio, with instruction templates, for every model of the zoo (PT and CA).
 
     Args:
@@ -300,6 +300,8 @@ class MixtureDataModule(L.LightningDataModule):
         num_workers: dataloader worker processes (decoding and transforms run there).
         seed: seeds the mixture schedule, template and frame draws.
         strict: raise on an unreadable file or a malformed line (naming it) instead of skipping it.
+        max_image_pixels: skip images of more pixels than this before decoding them (``null``: no cap).
+        max_skipped_share: fail a run that skipped more than this share of its training samples.
     """
 
     def __init__(
@@ -313,8 +315,10 @@ class MixtureDataModule(L.LightningDataModule):
         num_workers: int = 2,
         seed: int = 0,
         strict: bool = False,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        max_skipped_share: float = 0.5,
     ) -> None:
-        super().__init__()
+        super().__init__(max_skipped_share)
         if not sources:
             raise ValueError("MixtureDataModule: give at least one training source")
         names = [s.name for s in [*sources, *(val_sources or [])]]
@@ -329,6 +333,7 @@ class MixtureDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.strict = strict
+        self.max_image_pixels = max_image_pixels
         self.processor: LynxProcessor | None = None  # the model's, or set by hand with ``num_frames``
         self.num_frames = 5
         self.stream: MixtureStream | None = None
@@ -343,8 +348,9 @@ class MixtureDataModule(L.LightningDataModule):
             self.processor, self.num_frames = model.processor, model.vision_config.num_frames
         transform, frames = self.processor.image_transform, self.num_frames
         train_transform = self.processor.train_image_transform
-        train = LoadContext(train_transform, self.templates, frames, True, self.strict, frame_transform=transform)
-        held_out = LoadContext(transform, self.templates, frames, False, self.strict)
+        cap = self.max_image_pixels
+        train = LoadContext(train_transform, self.templates, frames, True, self.strict, transform, cap)
+        held_out = LoadContext(transform, self.templates, frames, False, self.strict, max_image_pixels=cap)
         for source in self.sources:
             source.prepare(train)
         for source in self.val_sources:
@@ -366,10 +372,8 @@ class MixtureDataModule(L.LightningDataModule):
         """Categories of the held-out sources, for per-category metrics."""
         return sorted({c for s in self.val_sources for c in s.categories})
 
-    @property
-    def skipped_lines(self) -> dict[str, int]:
-        """Manifest lines / shard members skipped while reading the sources, by ``source/reason``."""
-        return {f"{s.name}/{r}": n for s in [*self.sources, *self.val_sources] for r, n in s.skipped_lines.items()}
+    def read_sources(self) -> list[Source]:
+        return [*self.sources, *self.val_sources]
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:

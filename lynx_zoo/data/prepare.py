@@ -17,7 +17,6 @@ half-written one is never read as a whole one; a prepare that was interrupted st
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import os
@@ -31,8 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
+from lynx_zoo.data.images import open_rgb
 from lynx_zoo.data.manifest import ManifestError, parse_line
 from lynx_zoo.data.prepared import INDEX_NAME, REPORT_NAME, read_report
 from lynx_zoo.data.sources import (
@@ -210,8 +208,7 @@ class SampleWriter:
 
 
 def _check_image(data: bytes) -> None:
-    with Image.open(io.BytesIO(data)) as image:
-        image.convert("RGB")  # decodes every pixel
+    open_rgb(data=data, where="image")  # decodes every pixel; a MediaError (an OSError) for any problem
 
 
 # ---------------------------------------------------------------------- work units

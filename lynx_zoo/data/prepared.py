@@ -34,8 +34,9 @@ except ImportError as err:  # an optional dependency: say which
     raise ImportError(f"prepared data sets need LitData: pip install 'lynx-zoo[stream]' ({err})") from err
 
 from lynx_zoo.data.processor import Sample, Skipped  # noqa: E402
-from lynx_zoo.data.sources import DataError, LoadContext, Source  # noqa: E402
+from lynx_zoo.data.sources import DataError, LoadContext, Source, media_reason  # noqa: E402
 from lynx_zoo.data.video import read_video_frames  # noqa: E402
+from lynx_zoo.errors import ConfigError  # noqa: E402
 
 REPORT_NAME = "prepare_report.json"
 INDEX_NAME = "index.json"
@@ -156,7 +157,20 @@ class PreparedSource(Source):
         self._open()
         self.sizes = [end - start for start, end in self.dataset.region_of_interest]
         if not is_remote(self.path):
-            self._categories = read_report(Path(self.path)).get("categories") or [""]
+            report = read_report(Path(self.path))
+            self._categories = report.get("categories") or [""]
+            if report.get("kind") == "video_qa":
+                self._check_frames()
+
+    def _check_frames(self) -> None:
+        if self.ctx.num_frames < 1:
+            raise ConfigError(
+                f"source {self.name} ({self.path}): video data needs vision.num_frames >= 1 frames per clip, got "
+                f"{self.ctx.num_frames} (0 is an image-only model)"
+            )
+
+    def where(self, index: int) -> str:
+        return f"{self.path}[{index}]"
 
     def __len__(self) -> int:
         return sum(self.sizes)
@@ -204,12 +218,15 @@ class PreparedSource(Source):
             if media_kind == "image":
                 media = self.read_image(where, seed, data)
             elif media_kind == "video":
+                self._check_frames()
                 draws = random.Random(f"{seed}/frames")
                 frames = read_video_frames(where, self.ctx.num_frames, self.ctx.training, draws, data=data)
                 transform = self.ctx.frame_transform or self.ctx.transform
                 media = torch.stack([transform(frame) for frame in frames])
-        except (OSError, ValueError) as err:  # a VideoError is an OSError
-            return self.skip(f"unreadable_{media_kind}", f"{where}.{record.get('ext', '')}: {err}")
+        except ConfigError:
+            raise
+        except (OSError, ValueError) as err:  # a MediaError (VideoError) is an OSError
+            return self.skip(media_reason(err, media_kind), f"{where}.{record.get('ext', '')}: {err}")
         instruction = self.instruction(question, seed) if record.get("template", True) else question
         return Sample(
             instruction=instruction,

@@ -43,7 +43,7 @@ class Skipped:
 
 
 class PromptCutWarning(UserWarning):
-    """A generation prompt lost its first tokens to ``prompt.max_input_tokens``."""
+    """A generation prompt lost its first tokens to ``prompt.max_input_tokens`` (else ``prompt.max_length``)."""
 
 
 @dataclass
@@ -53,14 +53,15 @@ class PromptConfig:
     Args:
         template: the instruction prompt; the answer follows it after a space, then EOS (Lynx:
             ``User: {instruction}\\nBot:``).
-        max_length: text tokens per sample (prompt + answer); longer samples lose the end of their
-            instruction first, then the end of their answer.
+        max_length: text tokens per training sample (prompt + answer); longer samples lose the end of their
+            instruction first, then the end of their answer. At generation it limits prompts when
+            ``max_input_tokens`` is null (cut the same way: from their start).
         lower_text: lower-case the whole rendered prompt, template included (the release's ``lower_text``:
             the model reads ``user: ...\\nbot:``); answers keep their case.
         max_input_tokens: at generation, keep only the last this many prompt tokens (``<s>`` included), as the
             release's evaluation does (``max_input_tokens: 40``): the question's end and ``bot:`` stay, its start
-            goes. Each cut is counted (``num_cut`` of the batch) and warned about (:class:`PromptCutWarning`).
-            ``None``: no limit.
+            goes (never its end: the model must answer the question asked). Each cut is counted (``num_cut`` of the
+            batch) and warned about (:class:`PromptCutWarning`). ``None``: ``max_length`` is the limit.
         lower_case: lower-case the instruction only (the setting before ``lower_text``; kept so that configs and
             variants saved with it load and behave as they did).
     """
@@ -174,22 +175,33 @@ class LynxProcessor:
         batch["num_truncated"] = sum(t for *_, t in kept)
         return batch
 
+    def prompt_ids(self, sample: Sample) -> list[int]:
+        """The whole generation prompt of ``sample``: ``<s>``, its earlier turns with their answers, its prompt."""
+        tok = self.tokenizer
+        ids = [] if tok.bos_token_id is None else [tok.bos_token_id]
+        for question, answer in sample.history:
+            ids += self._prompt_ids(question) + self._answer_ids(answer)
+        return ids + self._prompt_ids(sample.instruction)
+
     def prompts(self, samples: list[Sample]) -> dict[str, Any]:
-        """Collate prompts for generation (no answer, no labels), each cut to its last ``max_input_tokens``
-        tokens when it is longer (``num_cut`` counts them, and a :class:`PromptCutWarning` names the limit)."""
-        encoded = [self.encode(s, with_answer=False)[:2] for s in samples]
-        limit = self.prompt.max_input_tokens
-        dropped = [len(ids) - limit for ids, _ in encoded if limit is not None and len(ids) > limit]
+        """Collate prompts for generation (no answer, no labels). A prompt over the limit (``max_input_tokens``, else
+        ``max_length``) keeps its last tokens: its start is cut, never its end, so the question asked is the one
+        answered; ``num_cut`` counts them and a :class:`PromptCutWarning` gives the lengths and the limit."""
+        encoded = [self.prompt_ids(s) for s in samples]
+        limit = self.prompt.max_input_tokens or self.prompt.max_length
+        setting = "prompt.max_input_tokens" if self.prompt.max_input_tokens else "prompt.max_length"
+        dropped = [len(ids) - limit for ids in encoded if len(ids) > limit]
         if dropped:
             warnings.warn(
-                f"prompt.max_input_tokens={limit}: {len(dropped)} of {len(samples)} prompts were cut to their last "
-                f"{limit} tokens (up to {max(dropped)} dropped from their start, as the Lynx release's evaluation "
-                "cuts); raise prompt.max_input_tokens or set it to null to keep whole prompts",
+                f"{setting}={limit}: {len(dropped)} of {len(samples)} prompts were longer (up to "
+                f"{limit + max(dropped)} tokens) and were cut to their last {limit} tokens (up to {max(dropped)} "
+                f"dropped from their start, as the Lynx release's evaluation cuts: the question's end stays); raise "
+                f"{setting} to keep whole prompts",
                 PromptCutWarning,
                 stacklevel=2,
             )
-            encoded = [(ids[-limit:], labels[-limit:]) for ids, labels in encoded]
-        batch = self._pad(encoded)
+            encoded = [ids[-limit:] for ids in encoded]
+        batch = self._pad([(ids, [IGNORE_INDEX] * len(ids)) for ids in encoded])
         del batch["labels"]
         batch.update(self._meta(samples))
         batch["num_cut"] = len(dropped)

@@ -11,7 +11,10 @@ A source is indexable (``len``, ``load(index, seed)``) and says how its samples 
 (:meth:`Source.chunk_sizes`: one block for a manifest, one per tar shard or per chunk of a prepared data set),
 so that a mixture reads a pass block by block (see :mod:`lynx_zoo.data.mixture`). A sample that
 cannot be read comes back as :class:`~lynx_zoo.data.processor.Skipped` (source and reason), which the
-collate function drops and counts, unless the source is strict: then the error names the file.
+collate function drops and counts, unless the source is strict: then the error names the file. Readers call
+:meth:`Source.read_sample`, which also skips (and counts) any other exception a source raises for one record;
+a programming error (:data:`~lynx_zoo.errors.PROGRAMMING_ERRORS`) and a setting that cannot work
+(:class:`~lynx_zoo.errors.ConfigError`) still surface.
 """
 
 from __future__ import annotations
@@ -35,18 +38,18 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from lynx_zoo.data.images import DEFAULT_MAX_IMAGE_PIXELS, open_rgb
 from lynx_zoo.data.manifest import ManifestError, read_manifest
 from lynx_zoo.data.processor import Sample, Skipped
 from lynx_zoo.data.templates import InstructionTemplates
 from lynx_zoo.data.video import read_video_frames
+from lynx_zoo.errors import ConfigError, DataError, MediaError, ReportedError, is_programming_error
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 
-
-class DataError(OSError):
-    """An unreadable input in strict mode (names the file and, for manifests, the line)."""
+__all__ = ["DataError"]  # (re-exported: it lives in lynx_zoo.errors)
 
 
 @dataclass
@@ -55,7 +58,8 @@ class LoadContext:
 
     ``transform`` turns images into tensors (for training, the model's training transform: with
     ``vision.train_crop``, a random crop seeded by the sample); ``frame_transform`` turns video frames (default:
-    ``transform``; the release never crops frames at random)."""
+    ``transform``; the release never crops frames at random). An image of more than ``max_image_pixels`` pixels is
+    skipped before it is decoded (a decompression bomb; ``None``: no cap)."""
 
     transform: Callable[[Image.Image], torch.Tensor]
     templates: InstructionTemplates = field(default_factory=lambda: InstructionTemplates({}))
@@ -63,6 +67,11 @@ class LoadContext:
     training: bool = True
     strict: bool = False
     frame_transform: Callable[[Image.Image], torch.Tensor] | None = None
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.max_image_pixels is not None and self.max_image_pixels < 1:
+            raise ConfigError(f"max_image_pixels: expected a positive number or null, got {self.max_image_pixels}")
 
 
 class Source(Dataset):
@@ -98,7 +107,27 @@ class Source(Dataset):
         raise NotImplementedError
 
     def __getitem__(self, index: int) -> Sample | Skipped:
-        return self.load(index, str(index))
+        return self.read_sample(index, str(index))
+
+    def read_sample(self, index: int, seed: str) -> Sample | Skipped:
+        """:meth:`load`, with any exception it raises for this one record skipped and counted (in strict mode, a
+        :class:`DataError` naming the record). Programming errors and errors that stop a run
+        (:class:`~lynx_zoo.errors.ReportedError`: a strict-mode error, a setting that cannot work) go through."""
+        try:
+            return self.load(index, seed)
+        except ReportedError:
+            raise
+        except Exception as err:
+            if is_programming_error(err):
+                raise
+            detail = f"{self.where(index)}: {type(err).__name__}: {err}"
+            if self.ctx.strict:
+                raise DataError(f"source {self.name}: {detail}") from err
+            return self.skip("load_error", detail)
+
+    def where(self, index: int) -> str:
+        """Where sample ``index`` is stored, for messages (its file, line, member...)."""
+        return f"source {self.name} sample {index}"
 
     def chunk_sizes(self) -> list[int]:
         """Sizes of the blocks the samples are stored in, in index order (a pass reads block by block, each
@@ -129,12 +158,16 @@ class Source(Dataset):
         return self.ctx.templates.render(self.task, question, rng)
 
     def read_image(self, path: Path | str, seed: str, data: bytes | None = None) -> torch.Tensor:
-        """The transformed image at ``path`` (or in ``data``); raises OSError/ValueError when unreadable.
+        """The transformed image at ``path`` (or in ``data``, named ``path`` in errors); a
+        :class:`~lynx_zoo.errors.MediaError` (an ``OSError``) naming it when it cannot be used (see
+        :func:`~lynx_zoo.data.images.open_rgb`: any decoding error, degenerate, over ``max_image_pixels``).
 
         A random training transform draws from torch's generator seeded by ``seed`` (its own stream), so that a
         sample is cropped alike in every run, worker layout and resume."""
-        with Image.open(io.BytesIO(data) if data is not None else path) as image:
-            rgb = image.convert("RGB")
+        if data is not None:
+            rgb = open_rgb(data=data, where=str(path), max_pixels=self.ctx.max_image_pixels)
+        else:
+            rgb = open_rgb(path, max_pixels=self.ctx.max_image_pixels)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(random.Random(f"{seed}/crop").getrandbits(63))
             return self.ctx.transform(rgb)
@@ -161,6 +194,10 @@ class ManifestSource(Source):
     def __len__(self) -> int:
         return len(self.records)
 
+    def where(self, index: int) -> str:
+        record = self.records[index]
+        return f"{self.manifest}: sample {index}" + (f" (id {record['id']})" if "id" in record else "")
+
     def sample(self, index: int, record: dict, instruction: str, media: torch.Tensor | None) -> Sample:
         return Sample(
             instruction=instruction,
@@ -184,13 +221,16 @@ class MediaSource(ManifestSource):
     def read_media(self, path: Path, seed: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def where(self, index: int) -> str:
+        return f"{super().where(index)} ({self.root / self.records[index][self.media_field]})"
+
     def load(self, index: int, seed: str) -> Sample | Skipped:
         record = self.records[index]
         path = self.root / record[self.media_field]
         try:
             media = self.read_media(path, seed)
-        except (OSError, ValueError) as err:  # a VideoError is an OSError
-            return self.skip(f"unreadable_{self.media_field}", f"{self.manifest}: cannot read {path}: {err}")
+        except (OSError, ValueError) as err:  # a MediaError (VideoError) is an OSError
+            return self.skip(media_reason(err, self.media_field), f"{self.manifest}: {unreadable(path, err)}")
         return self.sample(index, record, self.instruction(str(record.get("question") or ""), seed), media)
 
 
@@ -215,6 +255,14 @@ class VideoQASource(MediaSource):
     kind = "video_qa"
     required = ("video", "answer")
     media_field = "video"
+
+    def prepare(self, context: LoadContext) -> None:
+        if context.num_frames < 1:
+            raise ConfigError(
+                f"source {self.name}: video data needs vision.num_frames >= 1 frames per clip, got "
+                f"{context.num_frames} (0 is an image-only model)"
+            )
+        super().prepare(context)
 
     def read_media(self, path: Path, seed: str) -> torch.Tensor:
         frames = read_video_frames(path, self.ctx.num_frames, self.ctx.training, random.Random(f"{seed}/frames"))
@@ -306,13 +354,16 @@ class ConversationSource(ManifestSource):
             return "empty_answer", "an empty answer"
         return None
 
+    def where(self, index: int) -> str:
+        return f"{super().where(index)} ({self.root / self.records[index]['image']})"
+
     def load(self, index: int, seed: str) -> Sample | Skipped:
         record = self.records[index]
         path = self.root / record["image"]
         try:
             pixels = self.read_image(path, seed)
         except (OSError, ValueError) as err:
-            return self.skip("unreadable_image", f"{self.manifest}: cannot read image {path}: {err}")
+            return self.skip(media_reason(err, "image"), f"{self.manifest}: {unreadable(path, err)}")
         pairs = conversation_pairs(record["conversations"])
         return Sample(
             instruction=pairs[-1][0],
@@ -375,6 +426,10 @@ class ShardSource(Source):
     def chunk_sizes(self) -> list[int]:
         return [len(shard.keys) for shard in self.shards]
 
+    def where(self, index: int) -> str:
+        shard, position = self.locate(index)
+        return f"{shard.path}:{shard.keys[position]}"
+
     def locate(self, index: int) -> tuple[_Shard, int]:
         """The shard holding global sample ``index`` and the sample's position in it."""
         s = bisect.bisect_right(self.offsets, index) - 1
@@ -393,7 +448,7 @@ class ShardSource(Source):
         try:
             pixels = self.read_image(where, seed, blobs[image_ext])
         except (OSError, ValueError) as err:
-            return self.skip("unreadable_image", f"{where}.{image_ext}: {err}")
+            return self.skip(media_reason(err, "image"), f"{where}.{image_ext}: {err}")
         try:
             question, answer = shard_text(blobs)
         except ValueError as err:
@@ -401,6 +456,16 @@ class ShardSource(Source):
         if not answer:
             return self.skip("empty_answer", f"{where}: empty answer")
         return Sample(self.instruction(question, seed), answer, pixels, id=key, source=self.name)
+
+
+def unreadable(path: Path, error: Exception) -> str:
+    """``cannot read <path>: <what is wrong>``, the path named once."""
+    return f"cannot read {path}: {str(error).removeprefix(f'{path}: ')}"
+
+
+def media_reason(error: Exception, kind: str) -> str:
+    """The skip reason of an unusable image or video: ``unreadable_image``, ``oversized_image``, ..."""
+    return f"{error.reason if isinstance(error, MediaError) else 'unreadable'}_{kind}"
 
 
 def conversation_pairs(turns: list[dict]) -> list[tuple[str, str]]:

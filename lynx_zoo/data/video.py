@@ -17,13 +17,15 @@ from pathlib import Path
 import av
 from PIL import Image
 
+from lynx_zoo.errors import ConfigError, MediaError, is_programming_error
+
 # seek instead of decoding through gaps longer than this many seconds
 SEEK_GAP_SECONDS = 2.0
 # a file whose packets cover less than this share of its declared duration was cut short
 MIN_COVERED_SHARE = 0.8
 
 
-class VideoError(OSError):
+class VideoError(MediaError):
     """A video that cannot be used: missing, not a video, truncated or undecodable (names the file)."""
 
 
@@ -59,10 +61,12 @@ def read_video_frames(
     """``num_frames`` RGB frames of the video at ``path`` (or in ``data``, the file's bytes, with ``path`` naming
     it in errors), sampled by segment (see :func:`segment_indices`).
 
-    Raises :class:`VideoError` naming the file when it cannot be opened, has no video stream, or
-    fewer frames decode than its packets promise (a truncated or corrupt file).
+    Raises :class:`VideoError` naming the file when it cannot be opened, has no video stream, fewer frames decode
+    than its packets promise (a truncated or corrupt file), or anything else goes wrong decoding it.
     """
     path = Path(path)
+    if num_frames < 1:
+        raise ConfigError(f"vision.num_frames: a video needs at least 1 frame per clip, got {num_frames} ({path})")
     if data is None and not path.is_file():
         raise VideoError(f"video not found: {path}")
 
@@ -85,8 +89,12 @@ def read_video_frames(
         if frames is None:
             with open_video() as container:
                 frames = _decode_in_order(container, wanted)
-    except av.FFmpegError as err:
-        raise VideoError(f"{path}: cannot decode video: {err}") from err
+    except VideoError:
+        raise
+    except Exception as err:  # FFmpeg's errors, and whatever else a broken file makes PyAV or PIL raise
+        if is_programming_error(err):
+            raise
+        raise VideoError(f"{path}: cannot decode video: {type(err).__name__}: {err}") from err
     if len(frames) < num_frames:
         raise VideoError(f"{path}: decoded {len(frames)} of {num_frames} sampled frames (truncated or corrupt video)")
     return frames

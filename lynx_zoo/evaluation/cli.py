@@ -11,6 +11,7 @@ import torch
 from lynx_zoo.evaluation.judges import (
     ExactMatchJudge,
     Judge,
+    JudgeBudget,
     JudgementCache,
     OpenAIChatJudge,
     TransformersJudge,
@@ -89,6 +90,15 @@ def evaluate_parser() -> argparse.ArgumentParser:
     judge.add_argument("--judge-timeout", type=float, default=30.0, help="openai: seconds per request")
     judge.add_argument("--judge-retries", type=int, default=4, help="openai: retries on 429, 5xx and timeouts")
     judge.add_argument("--judge-rps", type=float, help="openai: at most this many requests per second")
+    judge.add_argument(
+        "--judge-max-failures",
+        type=int,
+        default=5,
+        help="end the run (non-zero) after this many failed judgements in a row (default 5; 0: never)",
+    )
+    judge.add_argument(
+        "--judge-time-limit", type=float, help="end the run (non-zero) once judging has taken this many seconds"
+    )
     judge.add_argument("--judge-gguf-file", help="hf: a GGUF file inside --judge-model")
     judge.add_argument("--judge-cache", type=Path, help="judgement cache (default: RESULTS/judge_cache.sqlite)")
     judge.add_argument("--no-judge-cache", action="store_true", help="ask the judge again for every triple")
@@ -144,6 +154,7 @@ def evaluate_main(argv: list[str]) -> list[Path]:
         limit=args.limit,
         device=args.device,
         model_class=args.model_class,
+        judge_budget=JudgeBudget(args.judge_max_failures or None, args.judge_time_limit),
     )
     try:
         written = evaluator.run(variants, benchmarks)

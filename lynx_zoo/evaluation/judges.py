@@ -12,7 +12,9 @@ else) is a failure, never a yes. Judges:
 * :class:`ExactMatchJudge`: exact or normalised match, the free baseline.
 
 :class:`JudgementCache` (sqlite) keeps every reply, keyed by a hash of (judge id, question,
-prediction, ground truth): :func:`judge_all` never asks a judge twice for the same triple.
+prediction, ground truth): :func:`judge_all` never asks a judge twice for the same triple. A :class:`JudgeBudget`
+ends a run whose judge keeps failing (consecutive failures, total time) rather than reporting 0 % after hours of
+retries.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import time
 import urllib.error
 import urllib.request
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -78,6 +80,47 @@ class Judgement:
 
 class JudgeError(RuntimeError):
     """A judge that cannot work at all (a rejected key, an unknown model, a wrong URL)."""
+
+
+class JudgeBudgetExceeded(JudgeError):
+    """A judge that failed more than its :class:`JudgeBudget` allows; ``judgements`` are those made before."""
+
+    def __init__(self, message: str, judgements: list[Judgement]) -> None:
+        super().__init__(message)
+        self.judgements = judgements
+
+
+@dataclass
+class JudgeBudget:
+    """When a failing judge ends the run: after ``max_consecutive_failures`` failed judgements in a row (no reply
+    after every retry, or a reply that is neither yes nor no), or once judging has taken ``max_seconds`` in all
+    (over every :func:`judge_all` call given this budget). ``None``: no such limit."""
+
+    max_consecutive_failures: int | None = 5
+    max_seconds: float | None = None
+    consecutive_failures: int = dataclasses.field(default=0, init=False)
+    seconds: float = dataclasses.field(default=0.0, init=False)
+
+    def __post_init__(self) -> None:
+        if self.max_consecutive_failures is not None and self.max_consecutive_failures < 1:
+            raise ValueError(
+                f"judge budget: max_consecutive_failures must be >= 1 or None, got {self.max_consecutive_failures}"
+            )
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ValueError(f"judge budget: max_seconds must be positive or None, got {self.max_seconds}")
+
+    def charge(self, judge: Judge, judgement: Judgement, seconds: float, done: int, total: int) -> str | None:
+        """Count one judgement that took ``seconds``; what was exceeded, if anything (``done`` of ``total`` judged)."""
+        self.seconds += seconds
+        self.consecutive_failures = self.consecutive_failures + 1 if judgement.verdict == "failed" else 0
+        where = f"judge {judge.judge_id}: stopped after {done} of {total} judgements"
+        last = f"last failure: {judgement.error or judgement.raw or 'no reason given'}"
+        if self.max_consecutive_failures is not None and self.consecutive_failures >= self.max_consecutive_failures:
+            return f"{where}: {self.consecutive_failures} failures in a row ({last})"
+        if self.max_seconds is not None and self.seconds > self.max_seconds:
+            failing = f" ({last})" if judgement.verdict == "failed" else ""
+            return f"{where}: judging took {self.seconds:.0f} s, over the limit of {self.max_seconds:g} s{failing}"
+        return None
 
 
 class Judge(ABC):
@@ -357,20 +400,32 @@ class JudgementCache:
 
 
 def judge_all(
-    judge: Judge, triples: Iterable[tuple[str, str, str]], cache: JudgementCache | None = None
+    judge: Judge,
+    triples: Sequence[tuple[str, str, str]],
+    cache: JudgementCache | None = None,
+    budget: JudgeBudget | None = None,
 ) -> list[Judgement]:
     """Judge ``(question, prediction, ground truth)`` triples, reading and filling ``cache``.
 
     With a cache, a triple that ever got a reply from this judge is never sent again; one that got
     no reply at all (the endpoint unreachable after all retries) is asked again on the next run.
+    With a ``budget``, a judge failing past it raises :class:`JudgeBudgetExceeded` (cached judgements do not count).
     """
     store = cache if judge.cacheable else None
-    judgements = []
+    judgements: list[Judgement] = []
     for question, prediction, answer in triples:
         judgement = store.get(judge.judge_id, question, prediction, answer) if store is not None else None
         if judgement is None:
+            started = time.monotonic()
             judgement = judge.judge(question, prediction, answer)
             if store is not None and judgement.replied:
                 store.put(judge.judge_id, question, prediction, answer, judgement)
-        judgements.append(judgement)
+            judgements.append(judgement)
+            exceeded = budget and budget.charge(
+                judge, judgement, time.monotonic() - started, len(judgements), len(triples)
+            )
+            if exceeded:
+                raise JudgeBudgetExceeded(exceeded, judgements)
+        else:
+            judgements.append(judgement)
     return judgements

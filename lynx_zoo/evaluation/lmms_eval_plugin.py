@@ -13,12 +13,19 @@ The interface is lmms-eval's (0.7): each request has ``.args``,
 
 and ``doc_to_visual(self.task_dict[task][split][doc_id])`` gives the document's images (the
 harness fills ``task_dict``). A lynx_zoo model reads one image per prompt, or none.
+
+``loglikelihood`` returns ``(loss, is_greedy)``: the negative log-likelihood of the continuation, as lmms-eval's own
+models return a loss, because lmms-eval scores multiple choice with ``argmin`` (its interface docstring says
+log-probability; docs/lmms-eval-loglikelihood-bug.md). ``LynxLMMS`` hands each pair to the harness inside a
+``GenerationResult``, the one wrapper lmms-eval 0.7's evaluator passes through unchanged (it turns any other
+non-text response into its ``str``).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,10 +47,12 @@ class LynxHarnessModel:
             ``hf://org/repo`` (or give ``model``).
         model: an already loaded model.
         device: where the model runs (default: CUDA when available).
-        batch_size: prompts per ``generate`` / forward call.
-        max_batch_size: passed by the harness; batches are ``batch_size``.
+        batch_size: prompts per ``generate`` / forward call, or ``auto`` (also lmms-eval's ``auto:N``): on a GPU, the
+            largest power of two up to ``max_batch_size`` whose longest batch fits in memory; refused elsewhere.
+        max_batch_size: the largest batch ``auto`` tries (default 64).
         max_rounds: the most rounds of a multi-round request.
         model_class: the registered model class for checkpoints that do not record one.
+        dtype: the LLM's weight dtype (e.g. ``bfloat16``); default: as saved.
     """
 
     is_simple = True
@@ -57,6 +66,7 @@ class LynxHarnessModel:
         max_batch_size: int | None = None,
         max_rounds: int = 10,
         model_class: str | None = None,
+        dtype: str | None = None,
     ) -> None:
         super().__init__()
         if (pretrained is None) == (model is None):
@@ -65,11 +75,52 @@ class LynxHarnessModel:
                 "name) or `model`"
             )
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = model.eval() if model is not None else load_model(str(pretrained), device, model_class=model_class)
-        self.batch_size = int(batch_size)
+        if model is not None:
+            self.model = model.eval()
+        else:
+            self.model = load_model(str(pretrained), device, dtype=dtype, model_class=model_class)
+        self.batch_size = self._batch_size(batch_size, int(max_batch_size or 64))
+        self.batch_sizes = {"auto": self.batch_size} if str(batch_size).startswith("auto") else {}
         self.max_rounds = int(max_rounds)
         self.task_dict: dict[str, Any] = {}
         self._rank, self._world_size = 0, 1
+
+    # ----------------------------------------------------------------- batch size
+    def _batch_size(self, batch_size: int | str, max_batch_size: int) -> int:
+        """``batch_size`` as a number: as given, or what ``auto`` finds."""
+        text = str(batch_size).strip()
+        if text.isdigit() and int(text) > 0:
+            return int(text)
+        if text != "auto" and not re.fullmatch(r"auto:\d+", text):
+            raise ValueError(f"batch_size: expected a positive integer, 'auto' or 'auto:N', got {batch_size!r}")
+        device = self.model.device
+        if device.type != "cuda":
+            raise ValueError(
+                f"batch_size={text}: it finds the largest batch that fits in GPU memory, but the model runs on "
+                f"{device}; give a number instead, e.g. batch_size=8"
+            )
+        size = 1 << (max(1, max_batch_size).bit_length() - 1)  # the largest power of two <= max_batch_size
+        while size >= 1:
+            try:
+                self._longest_batch(size)
+                return size
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                size //= 2
+        raise RuntimeError(f"batch_size={text}: not even one prompt fits in the memory of {device}")
+
+    @torch.no_grad()
+    def _longest_batch(self, size: int) -> None:
+        """A forward pass over ``size`` x beams sequences of the longest prompt plus its longest answer."""
+        model = self.model
+        generation = model.eval_generation
+        rows = size * int(generation.get("num_beams") or 1)
+        length = model.processor.prompt.max_length + int(generation.get("max_new_tokens") or 64)
+        input_ids = torch.full((rows, length), model.tokenizer.eos_token_id, dtype=torch.long, device=model.device)
+        side = model.vision_config.image_size
+        images = torch.zeros(rows, 3, side, side, device=model.device)
+        model(input_ids, torch.ones_like(input_ids), images)
+        torch.cuda.synchronize(model.device)
 
     @property
     def rank(self) -> int:
@@ -162,9 +213,18 @@ class LynxHarnessModel:
         return results
 
     def loglikelihood(self, requests: Sequence[Request]) -> list[tuple[float, bool]]:
-        """``(log p(continuation | context, image), is the continuation the greedy one)`` per request."""
+        """``(loss, is the continuation the greedy one)`` per request, where ``loss`` is ``-log p(continuation |
+        context, image)`` (nats, summed over the continuation's tokens): lower is likelier, so lmms-eval's
+        ``argmin`` over a question's choices picks the most likely one."""
         items: list[tuple[str, str, Image.Image | None]] = []
         for request in requests:
+            if len(request.args) != 6:
+                raise ValueError(
+                    f"loglikelihood: a request without a document ({request.args!r}); lmms-eval sends these for "
+                    "the acc_mutual_info metric, which it scores with argmax over differences of the values its "
+                    "multiple-choice scorer minimises (docs/lmms-eval-loglikelihood-bug.md): drop acc_mutual_info "
+                    "from the task's metric_list"
+                )
             context, target, doc_to_visual, doc_id, task, split = request.args
             doc = self._doc(task, split, doc_id)
             continuation = target if isinstance(target, str) else target(doc)
@@ -207,7 +267,7 @@ class LynxHarnessModel:
         for row, n in enumerate(lengths):
             token_log_probs = log_probs[row, -n:].gather(-1, targets[row, -n:, None]).squeeze(-1)
             greedy = bool((log_probs[row, -n:].argmax(-1) == targets[row, -n:]).all())
-            scored.append((float(token_log_probs.sum()), greedy))
+            scored.append((-float(token_log_probs.sum()), greedy))
         return scored
 
     def generate_until_multi_round(self, requests: Sequence[Request]) -> list[list[str]]:
@@ -242,10 +302,16 @@ def lmms_eval_manifest() -> Any:
 
 @functools.cache
 def _lmms_class() -> type:
+    from lmms_eval.api.instance import GenerationResult
     from lmms_eval.api.model import lmms
 
     class LynxLMMS(LynxHarnessModel, lmms):
         __doc__ = LynxHarnessModel.__doc__
+
+        def loglikelihood(self, requests: Sequence[Request]) -> list[Any]:
+            """The ``(loss, is_greedy)`` pairs, each inside a ``GenerationResult`` (which lmms-eval 0.7's evaluator
+            unwraps to the pair; any other non-text response it turns into a string)."""
+            return [GenerationResult(text=pair) for pair in super().loglikelihood(requests)]
 
     LynxLMMS.__qualname__ = "LynxLMMS"
     return LynxLMMS

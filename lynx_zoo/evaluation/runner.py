@@ -13,6 +13,12 @@ Benchmark kinds:
 In ``RESULTS/``: ``<variant>__<benchmark>.json`` (metrics, the model, its config, settings) and
 ``<variant>__<benchmark>.predictions.jsonl`` (every answer; judged benchmarks add the verdict and
 the judge's raw reply); owleval adds ``<benchmark>.side_by_side.md`` and ``.jsonl``.
+
+Nothing fails silently: a question whose image cannot be read is skipped and recorded (``num_skipped``,
+``skipped`` in the results, ``verdict: "skipped"`` in the predictions), as training skips it; a judge's failures are
+counted apart (``judge_failures``) and left out of the accuracy, which is ``null`` when nothing was judged, never
+0 %; and a judge that keeps failing ends the run (:class:`~lynx_zoo.evaluation.judges.JudgeBudget`), its
+predictions written first.
 """
 
 from __future__ import annotations
@@ -35,10 +41,19 @@ from tqdm import tqdm
 
 from lynx_zoo.data.answers import metric_key
 from lynx_zoo.data.manifest import read_manifest
-from lynx_zoo.evaluation.judges import ExactMatchJudge, Judge, JudgementCache, judge_all
+from lynx_zoo.evaluation.judges import (
+    ExactMatchJudge,
+    Judge,
+    JudgeBudget,
+    JudgeBudgetExceeded,
+    Judgement,
+    JudgementCache,
+    judge_all,
+)
 from lynx_zoo.evaluation.mme import load_mme
 from lynx_zoo.evaluation.report import StudyRun
 from lynx_zoo.fusion.base import LynxModel
+from lynx_zoo.generation import open_image
 from lynx_zoo.hub import ModelConfig, load_model, resolve_variant
 from lynx_zoo.hub.config import jsonable
 from lynx_zoo.metrics import CategoryAccuracy, mme_yes_no
@@ -98,13 +113,15 @@ def _default_name(text: str) -> str:
 
 
 def parse_variant(spec: str) -> Variant:
-    """``NAME=MODEL`` or ``MODEL``: a checkpoint (named after its run folder, ``runs/NAME/lightning_logs/...``, else
-    the file stem), a variant folder or a variant name (named after either)."""
+    """``NAME=MODEL`` or ``MODEL``: a checkpoint (named after its run folder, ``runs/NAME/checkpoints/...`` or
+    ``runs/NAME/lightning_logs/...``, else the file stem), a variant folder or a variant name (named after either)."""
     name, path = _split_spec(spec)
     if name is None:
         parts = path.parts
         if "lightning_logs" in parts[1:]:
             name = parts[parts.index("lightning_logs") - 1]
+        elif len(parts) > 2 and parts[-2] == "checkpoints" and path.suffix == ".ckpt":
+            name = parts[-3]
         else:
             name = path.stem if path.suffix == ".ckpt" or path.is_file() else path.name
         name = _default_name(name)
@@ -132,17 +149,45 @@ def chance_levels(records: Sequence[dict[str, Any]]) -> dict[str, float]:
     return {"overall": overall, **rates}
 
 
+@dataclass
+class Answers:
+    """The model's answers to a benchmark's questions: ``texts[i]`` is ``None`` where question ``i`` was skipped,
+    and ``errors[i]`` says why (its image could not be read)."""
+
+    texts: list[str | None]
+    errors: dict[int, str]
+
+    def answered(self) -> list[int]:
+        return [i for i, text in enumerate(self.texts) if text is not None]
+
+    def skipped(self, ids: Sequence[str], images: Sequence[str]) -> list[dict[str, str]]:
+        """What the results file records of each skipped question."""
+        return [{"id": ids[i], "image": images[i], "error": error} for i, error in sorted(self.errors.items())]
+
+
 def generate_answers(
     model: LynxModel, items: Sequence[tuple[Path, str]], batch_size: int, generation: dict[str, Any], desc: str
-) -> list[str]:
-    """The model's answers to ``(image path, question)`` pairs, in batches."""
-    answers: list[str] = []
+) -> Answers:
+    """The model's answers to ``(image path, question)`` pairs, in batches; a question whose image cannot be read is
+    skipped (logged, and its error kept) rather than ending the run."""
+    texts: list[str | None] = [None] * len(items)
+    errors: dict[int, str] = {}
     with tqdm(total=len(items), desc=desc, unit="q", leave=False) as progress:
         for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            answers.extend(model.generate([p for p, _ in chunk], [q for _, q in chunk], **generation))
-            progress.update(len(chunk))
-    return answers
+            readable, images = [], []
+            for index in range(start, min(start + batch_size, len(items))):
+                try:
+                    images.append(open_image(items[index][0]))
+                    readable.append(index)
+                except OSError as err:  # a MediaError names the file
+                    errors[index] = str(err)
+                    log.warning("%s: skipping question %d: %s", desc, index, err)
+            if readable:
+                answers = model.generate(images, [items[i][1] for i in readable], **generation)
+                for index, answer in zip(readable, answers):
+                    texts[index] = answer
+            progress.update(min(batch_size, len(items) - start))
+    return Answers(texts, errors)
 
 
 def read_instructions(path: Path) -> list[dict[str, str]]:
@@ -182,6 +227,7 @@ class Evaluator:
         results_dir: where results go.
         judge: the judge of ``openvqa`` benchmarks (``vqa`` always uses normalised exact match).
         cache: the judgement cache (``None``: no cache).
+        judge_budget: how many consecutive judge failures (and how long judging, over the whole run) end it.
         batch_size: questions per ``generate`` call.
         generation: ``generate`` settings (the model's ``eval_generation`` fills the rest).
         limit: at most this many questions per benchmark (MME: images per subtask).
@@ -197,6 +243,7 @@ class Evaluator:
     limit: int | None = None
     device: str = "cpu"
     model_class: str | None = None
+    judge_budget: JudgeBudget = dataclasses.field(default_factory=JudgeBudget)
 
     def run(self, variants: Sequence[Variant], benchmarks: Sequence[Benchmark]) -> list[Path]:
         """Evaluate every variant on every benchmark; the paths of the results files written."""
@@ -226,27 +273,23 @@ class Evaluator:
     def evaluate(self, model: LynxModel, variant: Variant, benchmark: Benchmark) -> Path:
         """One variant on one benchmark: writes and returns its results file."""
         desc = f"{variant.name} {benchmark.name}"
+        stem = f"{variant.name}__{benchmark.name}"
         if benchmark.kind == "mme":
             result, rows = self._mme(model, benchmark, desc)
         elif benchmark.kind == "owleval":
             result, rows = self._owleval(model, benchmark, desc)
         else:
             judge = self.judge if benchmark.kind == "openvqa" else ExactMatchJudge()
-            result, rows = self._judged(model, benchmark, judge, desc)
-        stem = f"{variant.name}__{benchmark.name}"
-        predictions = self.results_dir / f"{stem}.predictions.jsonl"
-        with predictions.open("w", encoding="utf-8") as out:
-            for row in rows:
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            result, rows = self._judged(model, benchmark, judge, desc, stem)
+        predictions = self._write_predictions(stem, rows)
         location = variant.locate().resolve()
-        run_config = location.parent.parent / "config.yaml"
         record = {
             "variant": variant.name,
             "benchmark": benchmark.name,
             "kind": benchmark.kind,
             "data": str(benchmark.path.resolve()),
             "model": str(location),
-            "run_config": str(run_config) if location.is_file() and run_config.is_file() else None,
+            "run_config": run_config_of(location),
             **ModelConfig.from_model(model).to_dict(),
             "generation": {**model.eval_generation, **self.generation},
             "limit": self.limit,
@@ -265,53 +308,86 @@ class Evaluator:
     def _limited(self, items: list[Any]) -> list[Any]:
         return items[: self.limit] if self.limit is not None else items
 
-    def _judged(self, model: LynxModel, benchmark: Benchmark, judge: Judge, desc: str) -> tuple[dict, list[dict]]:
-        records, skipped = read_manifest(benchmark.path)
+    def _write_predictions(self, stem: str, rows: list[dict]) -> Path:
+        predictions = self.results_dir / f"{stem}.predictions.jsonl"
+        with predictions.open("w", encoding="utf-8") as out:
+            for row in rows:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return predictions
+
+    def _judged(
+        self, model: LynxModel, benchmark: Benchmark, judge: Judge, desc: str, stem: str
+    ) -> tuple[dict, list[dict]]:
+        records, skipped_lines = read_manifest(benchmark.path)
         records = self._limited(records)
         root = benchmark.path.parent
         answers = generate_answers(
             model, [(root / r["image"], r["question"]) for r in records], self.batch_size, self.generation, desc
         )
-        judgements = judge_all(judge, [(r["question"], a, r["answer"]) for r, a in zip(records, answers)], self.cache)
+        answered = answers.answered()
+        triples = [(records[i]["question"], answers.texts[i], records[i]["answer"]) for i in answered]
+        judgements: list[Judgement | None] = [None] * len(records)  # None: skipped (its image is unreadable)
         categories = [r.get("category") or "all" for r in records]
+
+        def rows() -> list[dict]:
+            return [
+                {
+                    "id": r.get("id", str(i)),
+                    "category": c,
+                    "image": r["image"],
+                    "question": r["question"],
+                    "prediction": a,
+                    "gt": r["answer"],
+                    "verdict": "skipped" if j is None else j.verdict,
+                    "raw": "" if j is None else j.raw,
+                    "error": answers.errors.get(i) or ("" if j is None else j.error),
+                    "judge": judge.judge_id,
+                }
+                for i, (r, c, a, j) in enumerate(zip(records, categories, answers.texts, judgements))
+            ]
+
+        try:
+            for index, judgement in zip(answered, judge_all(judge, triples, self.cache, self.judge_budget)):
+                judgements[index] = judgement
+        except JudgeBudgetExceeded as err:  # keep the answers (and the verdicts so far) before the run ends
+            for index, judgement in zip(answered, err.judgements):
+                judgements[index] = judgement
+            written = self._write_predictions(stem, rows())
+            raise JudgeBudgetExceeded(f"{err}; {desc}: the answers so far are in {written}", err.judgements) from None
+        verdicts = ["skipped" if j is None else j.verdict for j in judgements]
+        judged = [i for i, v in enumerate(verdicts) if v in ("yes", "no")]
         metric = CategoryAccuracy(sorted(set(categories)))
-        metric.update([j.verdict == "yes" for j in judgements], categories, [j.verdict == "failed" for j in judgements])
+        metric.update([verdicts[i] == "yes" for i in judged], [categories[i] for i in judged])
         accuracy = metric.compute()
-        rows = [
-            {
-                "id": r.get("id", str(i)),
-                "category": c,
-                "image": r["image"],
-                "question": r["question"],
-                "prediction": a,
-                "gt": r["answer"],
-                "verdict": j.verdict,
-                "raw": j.raw,
-                "error": j.error,
-                "judge": judge.judge_id,
-            }
-            for i, (r, c, a, j) in enumerate(zip(records, categories, answers, judgements))
-        ]
+
+        def count(verdict: str, category: str | None = None) -> int:
+            return sum(v == verdict and category in (None, c) for v, c in zip(verdicts, categories))
+
         details = {
             c: {
-                "correct": int(metric.correct[i]),
-                "total": int(metric.total[i]),
-                "judge_failures": int(metric.failed[i]),
+                "correct": int(metric.correct[k]),
+                "total": int(metric.total[k]),  # judged: the accuracy's denominator
+                "judge_failures": count("failed", c),
+                "skipped": count("skipped", c),
             }
-            for i, c in enumerate(metric.categories)
+            for k, c in enumerate(metric.categories)
         }
+        ids = [str(r.get("id", i)) for i, r in enumerate(records)]
         result = {
             "judge": judge.describe(),
             "num_samples": len(records),
             "chance": chance_levels(records),
-            "skipped_lines": dict(skipped),
-            "judge_failures": int(metric.failed.sum()),
+            "num_judged": len(judged),
+            "judge_failures": count("failed"),
+            "num_skipped": count("skipped"),
+            "skipped": answers.skipped(ids, [r["image"] for r in records]),
+            "skipped_lines": dict(skipped_lines),
             "unit": "accuracy",
             "summary": {"overall": _number(accuracy["overall"])},
             "metrics": {c: _number(accuracy[c]) for c in metric.categories},
             "details": details,
         }
-        return result, rows
+        return result, rows()
 
     def _mme(self, model: LynxModel, benchmark: Benchmark, desc: str) -> tuple[dict, list[dict]]:
         mme = load_mme(benchmark.path)
@@ -321,23 +397,32 @@ class Evaluator:
         answers = generate_answers(
             model, [(q.image, q.question) for q in questions], self.batch_size, self.generation, desc
         )
+        answered = answers.answered()  # an unreadable image loses both of its questions: acc+ stays whole
         metric = mme.metric()
-        metric.update(answers, [q.answer for q in questions], [q.image_id for q in questions])
+        metric.update(
+            [answers.texts[i] for i in answered],
+            [questions[i].answer for i in answered],
+            [questions[i].image_id for i in answered],
+        )
         scores = metric.compute()
         present = [s for s in mme.subtasks if f"{s}/score" in scores]
+        images = [str(q.image.relative_to(mme.root)) for q in questions]
         rows = [
             {
                 "subtask": q.subtask,
-                "image": str(q.image.relative_to(mme.root)),
+                "image": image,
                 "question": q.question,
                 "prediction": a,
                 "gt": q.answer,
-                "read_as": mme_yes_no(a),
+                "read_as": "skipped" if a is None else mme_yes_no(a),
+                **({"error": answers.errors[i]} if i in answers.errors else {}),
             }
-            for q, a in zip(questions, answers)
+            for i, (q, a, image) in enumerate(zip(questions, answers.texts, images))
         ]
         result = {
             "num_samples": len(questions),
+            "num_skipped": len(answers.errors),
+            "skipped": answers.skipped([f"{q.subtask}/{q.image_id}" for q in questions], images),
             "unit": "score",
             "summary": {"perception": _number(scores["perception"]), "cognition": _number(scores["cognition"])},
             "metrics": {s: _number(scores[f"{s}/score"]) for s in present},
@@ -359,8 +444,27 @@ class Evaluator:
         answers = generate_answers(
             model, [(root / r["image"], r["instruction"]) for r in records], self.batch_size, self.generation, desc
         )
-        rows = [{**r, "image": str((root / r["image"]).resolve()), "answer": a} for r, a in zip(records, answers)]
-        return {"num_samples": len(records), "unit": None, "summary": {}, "metrics": {}}, rows
+        rows = [
+            {**r, "image": str((root / r["image"]).resolve()), "answer": a}
+            | ({"error": answers.errors[i]} if i in answers.errors else {})
+            for i, (r, a) in enumerate(zip(records, answers.texts))
+        ]
+        skipped = answers.skipped([r["id"] for r in records], [r["image"] for r in records])
+        result = {"num_samples": len(records), "num_skipped": len(skipped), "skipped": skipped}
+        return {**result, "unit": None, "summary": {}, "metrics": {}}, rows
+
+
+def run_config_of(model: Path) -> str | None:
+    """The config of the run that wrote checkpoint ``model``: beside its folder (``version_N/checkpoints/x.ckpt``), or
+    the newest ``lightning_logs/version_*/config.yaml`` of its run (``runs/NAME/checkpoints/x.ckpt``)."""
+    if not model.is_file():
+        return None
+    run = model.parent.parent
+    beside = run / "config.yaml"
+    if beside.is_file():
+        return str(beside)
+    configs = sorted(run.glob("lightning_logs/version_*/config.yaml"), key=lambda p: p.stat().st_mtime)
+    return str(configs[-1]) if configs else None
 
 
 def _owleval_results(results_dir: Path, benchmark: str) -> Iterator[dict]:
@@ -368,6 +472,10 @@ def _owleval_results(results_dir: Path, benchmark: str) -> Iterator[dict]:
         record = json.loads(path.read_text(encoding="utf-8"))
         if record.get("benchmark") == benchmark and record.get("kind") == "owleval":
             yield record
+
+
+def _shown(answer: str | None) -> str:
+    return "(skipped: unreadable image)" if answer is None else answer
 
 
 def _cell(text: str) -> str:
@@ -406,7 +514,7 @@ def write_side_by_side(results_dir: Path, benchmark: str) -> tuple[Path, Path]:
     ]
     for entry in by_id.values():
         image = os.path.relpath(entry["image"], results_dir)
-        answers = [_cell(entry["answers"].get(v, "")) for v in variants]
+        answers = [_cell(_shown(entry["answers"].get(v, ""))) for v in variants]
         lines.append(
             f"| {_cell(entry['id'])} | ![{_cell(entry['id'])}]({image}) | {_cell(entry['instruction'])} | "
             + " | ".join(answers)

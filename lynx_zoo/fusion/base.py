@@ -11,7 +11,7 @@ sharding, activation checkpointing, FLOP counting and the model cards read that 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -31,6 +31,7 @@ from lynx_zoo.llm import LLMConfig, build_llm, load_tokenizer
 from lynx_zoo.llm.layers import InsertedBlock
 from lynx_zoo.metrics import CategoryAccuracy
 from lynx_zoo.training.callbacks import SkippedSampleReport
+from lynx_zoo.training.checkpoint_io import read_torch_checkpoint
 from lynx_zoo.training.distributed import configure_lynx_model, ddp_anchor, fill_missing_grads
 from lynx_zoo.training.optim import OptimizerConfig, build_optimizer
 from lynx_zoo.vision import VisionConfig, VisionEncoder, resample_vision_pos_embed
@@ -238,6 +239,8 @@ class LynxModel(L.LightningModule):
         if prompts is None:
             raise TypeError("generate: `prompts` is required (one instruction per image/video)")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts and (images is None or len(images) == 0) and (videos is None or len(videos) == 0):
+            return []  # an empty batch has no answers
         if images is not None and videos is not None:
             raise ValueError("generate: a batch holds images or videos, not both; call generate once for each")
         transform = self.processor.image_transform
@@ -298,7 +301,7 @@ class LynxModel(L.LightningModule):
 
     def load_weights(self, path: str) -> None:
         """Initialise from another lynx_zoo checkpoint's weights, resampling vision position embeddings."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_torch_checkpoint(path)  # an unreadable file is an error naming it
         state = state.get("state_dict", state)
         resample_vision_pos_embed(state, self.vision, prefix="vision.")
         own = self.state_dict()
@@ -386,10 +389,3 @@ class LynxModel(L.LightningModule):
             if category != "overall" and torch.isfinite(value):
                 self.log(f"val/acc/{category}", value)
         self.val_accuracy.reset()
-
-
-def iter_fusion_classes(base: type[LynxModel] = LynxModel) -> Iterator[type[LynxModel]]:
-    """Every subclass of ``base`` defined so far (imported), depth first."""
-    for sub in base.__subclasses__():
-        yield sub
-        yield from iter_fusion_classes(sub)

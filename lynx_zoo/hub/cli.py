@@ -125,16 +125,14 @@ def export_main(argv: list[str]) -> Path:
     """``export``: a run's checkpoint as a variant folder."""
     parser = _parser("export", "Export a run's Lightning checkpoint as a variant folder (safetensors, config, card).")
     parser.add_argument("--ckpt", type=Path, required=True, help="the Lightning checkpoint (RUN.ckpt)")
-    parser.add_argument("--out", type=Path, required=True, help="the variant folder to write")
-    parser.add_argument("--name", help="the variant's name (default: the folder name)")
     parser.add_argument("--model-class", help="for checkpoints that record no class: a registered one (PrefixLynx)")
-    parser.add_argument("--register", action="store_true", help="register it locally under its name")
     parser.add_argument(
         "--merge-lora",
         type=Path,
         metavar="LLM_DIR",
         help="merge the LoRA updates into a copy of the base LLM written to LLM_DIR; the variant loads it (serving)",
     )
+    _variant_out_args(parser)
     args = parser.parse_args(argv)
     from lynx_zoo.hub.export import export_checkpoint
 
@@ -148,12 +146,10 @@ def convert_main(argv: list[str]) -> Path:
     """``convert-lynx``: an original Lynx release checkpoint as a variant folder."""
     parser = _parser("convert-lynx", "Convert a checkpoint of the original Lynx release into a variant folder.")
     parser.add_argument("--ckpt", type=Path, required=True, help="finetune_lynx.pt / pretrain_lynx.pt")
-    parser.add_argument("--out", type=Path, required=True)
     parser.add_argument(
         "--config", type=config_path, action="append", help="lynx_zoo config(s): zoo:NAME or a path (default: Lynx)"
     )
-    parser.add_argument("--name", help="the variant's name (default: the folder name)")
-    parser.add_argument("--register", action="store_true", help="register it locally under its name")
+    _variant_out_args(parser)
     args = parser.parse_args(argv)
     from lynx_zoo.hub.convert_lynx import convert_lynx
 
@@ -195,6 +191,12 @@ def configs_main(argv: list[str]) -> None:
     """``configs``: the configs shipped with the package, as ``--config`` takes them."""
     _parser("configs", "List the shipped configs (use them as --config zoo:NAME).").parse_args(argv)
     print("\n".join(shipped_configs()))
+
+
+def _variant_out_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="the variant folder to write")
+    parser.add_argument("--name", help="the variant's name (default: the folder name)")
+    parser.add_argument("--register", action="store_true", help="register it locally under its name")
 
 
 def _done(folder: Path, name: str | None, register: bool) -> Path:

@@ -21,6 +21,7 @@ from lynx_zoo.fusion.registry import model_class as registered_class
 from lynx_zoo.hub.config import CONFIG_FILE, WEIGHTS_FILE, ModelConfig, check_format, read_json
 from lynx_zoo.hub.variants import resolve_variant
 from lynx_zoo.hub.weights import sha256_file, variant_keys
+from lynx_zoo.training.checkpoint_io import read_torch_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +71,12 @@ load_pretrained = load_model  # the name users of pretrained-model hubs look for
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    """A Lightning checkpoint through torch's weights-only unpickler; an unreadable file names itself."""
+    """A Lightning checkpoint through torch's weights-only unpickler; an unreadable file names itself (a
+    :class:`~lynx_zoo.errors.CheckpointError`)."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch raises many kinds for a truncated, empty or foreign file
-        raise VariantError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+    checkpoint = read_torch_checkpoint(path)
+    if "state_dict" not in checkpoint:
         raise VariantError(f"{path}: not a Lightning checkpoint of a lynx_zoo run (no state_dict)")
     return checkpoint
 

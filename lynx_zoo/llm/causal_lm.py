@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from lynx_zoo.errors import ConfigError
 from lynx_zoo.llm.bases import base_llm
 
 PAD_TOKEN = "[PAD]"
@@ -70,7 +71,7 @@ def load_tokenizer(config: LLMConfig) -> PreTrainedTokenizerBase:
     """The tokenizer of ``config``, with a pad token added the Lynx way if it has none."""
     name = config.tokenizer or config.model
     if name is None:
-        raise ValueError("llm.tokenizer: no tokenizer given and no llm.model to take it from")
+        raise ConfigError("llm.tokenizer: no tokenizer given and no llm.model to take it from")
     if name in BUILTIN_TOKENIZERS:
         tokenizer = BUILTIN_TOKENIZERS[name]()
     elif config.gguf_file and config.tokenizer is None:
@@ -88,13 +89,13 @@ def build_llm(config: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
     """Build or load the causal LM of ``config`` and fit its embeddings to ``tokenizer``."""
     dtype = getattr(torch, config.dtype) if config.dtype else torch.float32
     if config.trainable and dtype in (torch.bfloat16, torch.float16):
-        raise ValueError(
+        raise ConfigError(
             f"llm.dtype: {config.dtype} with llm.trainable: true would train the LLM without fp32 master "
             "weights (most AdamW updates round to zero); use dtype float32 with a bf16-mixed precision"
         )
     if config.pretrained:
         if config.model is None:
-            raise ValueError("llm.model: a pretrained LLM needs a hub id or a local folder")
+            raise ConfigError("llm.model: a pretrained LLM needs a hub id or a local folder")
         source = gguf_folder(config) if config.gguf_file else config.model
         llm = AutoModelForCausalLM.from_pretrained(
             source,
@@ -125,14 +126,14 @@ def _architecture(config: LLMConfig, vocab_size: int) -> Any:
         overrides = {"vocab_size": vocab_size, **config.config}
         model_type = overrides.pop("model_type", None)
         if model_type is None:
-            raise ValueError("llm.config: an HF config dict needs a `model_type` (e.g. llama)")
+            raise ConfigError("llm.config: an HF config dict needs a `model_type` (e.g. llama)")
         return AutoConfig.for_model(model_type, **overrides)
     known = base_llm(config.model)
     if known is not None:
         overrides = dict(known.architecture)
         return AutoConfig.for_model(overrides.pop("model_type"), **overrides)
     if config.model is None:
-        raise ValueError("llm: give `model` or `config` to build an LLM")
+        raise ConfigError("llm: give `model` or `config` to build an LLM")
     return AutoConfig.from_pretrained(
         config.model, revision=config.revision, trust_remote_code=config.trust_remote_code
     )

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from lynx_zoo.errors import ConfigError
+
 
 def decoder_layers(llm: nn.Module) -> nn.ModuleList:
     """The decoder layers of an HF causal LM (``model.layers`` for the LLaMA family)."""
@@ -36,14 +38,17 @@ class LayerPlacement:
         if self.layers is not None:
             bad = [i for i in self.layers if not 0 <= i < num_layers]
             if bad:
-                raise ValueError(f"{self.section}.layers: {bad} out of range for an LLM with {num_layers} layers")
+                raise ConfigError(
+                    f"{self.section}.layers: {bad} out of range for an LLM with {num_layers} layers "
+                    f"(expected 0..{num_layers - 1}), got {self.layers}"
+                )
             return sorted(set(self.layers))
         if self.every is None:
             return []
         if self.every < 1:
-            raise ValueError(f"{self.section}.every: expected a positive integer or null, got {self.every}")
+            raise ConfigError(f"{self.section}.every: expected a positive integer or null, got {self.every}")
         if not 0 <= self.start < num_layers:
-            raise ValueError(f"{self.section}.start: expected 0..{num_layers - 1}, got {self.start}")
+            raise ConfigError(f"{self.section}.start: expected 0..{num_layers - 1}, got {self.start}")
         return list(range(self.start, num_layers, self.every))
 
 

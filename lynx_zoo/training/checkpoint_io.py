@@ -3,8 +3,11 @@
 * :class:`AtomicCheckpointIO` (a Lightning ``CheckpointIO`` plugin, ``trainer.plugins``) writes each checkpoint
   to a temporary file beside its target, fsyncs it, then renames it over the target: a process killed
   mid-save (SIGKILL, a lost node) leaves the previous checkpoint in place and loadable, and a completed save
-  survives a power loss. (Lightning's own ``TorchCheckpointIO`` first pickles the whole checkpoint into memory,
-  a second copy of a multi-GB state, then writes it through an fsspec transaction without fsync.)
+  survives a power loss. The temporary files such a kill leaves are deleted by the next save into that folder.
+  (Lightning's own ``TorchCheckpointIO`` first pickles the whole checkpoint into memory, a second copy of a
+  multi-GB state, then writes it through an fsspec transaction without fsync.) It loads checkpoints through
+  :func:`read_torch_checkpoint`: an empty, truncated or foreign file is a :class:`~lynx_zoo.errors.CheckpointError`
+  naming it.
 * :func:`consolidate_checkpoint` turns the sharded checkpoint folder that ``ModelParallelStrategy`` (FSDP2)
   writes into one Lightning checkpoint file with the full weights
   (``python -m lynx_zoo.training.checkpoint_io SHARDED_DIR OUT.ckpt``), loadable with
@@ -14,7 +17,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -25,7 +31,54 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from lynx_zoo.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
 METADATA_FILE = "meta.pt"  # what ModelParallelStrategy writes beside the shards: all but weights and optimizers
+# the temporary file of a save in progress: .<target name>.<8 hex digits>.tmp
+TEMPORARY_FILE = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
+
+
+def read_torch_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """A checkpoint file through torch's weights-only unpickler (memory-mapped); a :class:`CheckpointError` naming
+    the file when it is missing, empty, truncated or not a checkpoint (torch raises many kinds for those)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path}: an empty file (0 bytes), not a checkpoint (a save that never finished?)")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({size:,} bytes; {type(err).__name__}: {_first_sentence(err)}); "
+            "truncated, or not written by torch.save"
+        ) from err
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (it holds a {type(checkpoint).__name__}, not a dict)")
+    return checkpoint
+
+
+def _first_sentence(error: Exception) -> str:
+    return str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else "no message"
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, older_than: float) -> list[Path]:
+    """Delete the temporary files of saves that a kill interrupted in ``folder``: those last written before
+    ``older_than`` (a time stamp; a save in progress keeps writing its own). Returns what was deleted."""
+    removed = []
+    for path in Path(folder).glob(".*.tmp"):
+        try:
+            if TEMPORARY_FILE.match(path.name) and path.stat().st_mtime < older_than:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:  # another process cleaned it first
+            continue
+    if removed:
+        log.info("removed %d temporary files of interrupted saves in %s: %s", len(removed), folder, removed)
+    return removed
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -50,15 +103,32 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's ``TorchCheckpointIO`` with atomic writes on local file systems (see :func:`atomic_torch_save`);
-    remote URLs (``s3://``, ...) go through fsspec as before. A crash can leave a ``.<name>.<id>.tmp`` file
-    beside the checkpoints; it is never read and can be deleted."""
+    remote URLs (``s3://``, ...) go through fsspec as before. A crash can leave a ``.<name>.<id>.tmp`` file beside
+    the checkpoints; it is never read, and the next save into that folder deletes it (any such file older than this
+    plugin: a save in progress in another process keeps its file fresh). Local checkpoints load through
+    :func:`read_torch_checkpoint` (an unreadable one is an error naming it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = time.time()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint: storage_options are not supported")
         if not isinstance(get_filesystem(path), LocalFileSystem):
             return super().save_checkpoint(checkpoint, path)
+        folder = Path(path).parent
+        if folder.is_dir():
+            remove_stale_temporaries(folder, self.started)
         atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(
+        self, path: str | os.PathLike, map_location: Any = "cpu", weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """The checkpoint at ``path``, always through the weights-only unpickler."""
+        if not isinstance(get_filesystem(path), LocalFileSystem):
+            return super().load_checkpoint(path, map_location, weights_only)
+        return read_torch_checkpoint(path, map_location)
 
 
 def consolidate_checkpoint(sharded: str | os.PathLike, output: str | os.PathLike) -> Path:

@@ -198,8 +198,9 @@ def configure_lynx_model(model: LynxModel) -> None:
     """What ``LynxModel.configure_model`` does: activation checkpointing if the strategy asks for it, then
     FSDP2 sharding if the strategy gave the model a device mesh. Idempotent (Lightning may call it again)."""
     trainer = model._trainer
-    strategy = trainer.strategy if trainer is not None else None
-    if getattr(strategy, "activation_checkpointing", False) is True:
+    # the zoo's strategy carries its settings; Lightning's ModelParallelStrategy shards with FSDP2's defaults
+    ours = trainer.strategy if trainer is not None and isinstance(trainer.strategy, LynxFSDP2Strategy) else None
+    if ours is not None and ours.activation_checkpointing:
         apply_activation_checkpointing(model)
     mesh = model.device_mesh
     if mesh is None or isinstance(model, FSDPModule):
@@ -212,12 +213,7 @@ def configure_lynx_model(model: LynxModel) -> None:
             "with data_parallel_size=<number of processes> and tensor_parallel_size=1"
         )
     dp_mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
-    shard_lynx_model(
-        model,
-        dp_mesh,
-        getattr(strategy, "mp_policy", None),
-        getattr(strategy, "reshard_after_forward", True),
-    )
+    shard_lynx_model(model, dp_mesh, ours.mp_policy if ours else None, ours.reshard_after_forward if ours else True)
 
 
 def ddp_anchor(loss: torch.Tensor, parameters: list[tuple[str, nn.Parameter]]) -> torch.Tensor:

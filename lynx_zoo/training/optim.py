@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lynx_zoo.errors import ConfigError
+
 
 @dataclass
 class OptimizerConfig:
@@ -23,6 +25,19 @@ class OptimizerConfig:
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("lr", self.lr > 0, "a positive number"),
+            ("min_lr", 0 <= self.min_lr <= self.lr, f"a number from 0 to optimizer.lr ({self.lr})"),
+            ("warmup_ratio", 0 <= self.warmup_ratio <= 1, "a share of the steps from 0 to 1"),
+            ("weight_decay", self.weight_decay >= 0, "a number >= 0"),
+            ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
+            ("eps", self.eps > 0, "a positive number"),
+        ]
+        for key, valid, expected in checks:
+            if not valid:
+                raise ConfigError(f"optimizer.{key}: expected {expected}, got {getattr(self, key)}")
 
 
 def lr_factor(step: int, total_steps: int, config: OptimizerConfig) -> float:

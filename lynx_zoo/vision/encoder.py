@@ -12,6 +12,7 @@ from timm.data import resolve_data_config
 from torch import nn
 from torchvision import transforms
 
+from lynx_zoo.errors import ConfigError
 from lynx_zoo.vision.checkpoint import load_tower_checkpoint, resample_pos_embed, set_tower_resolution
 
 
@@ -79,22 +80,34 @@ class VisionEncoder(nn.Module):
             self.model = timm.create_model(config.model_name, pretrained=from_timm, **kwargs)
         except RuntimeError as err:
             if "Unknown model" in str(err):
-                raise ValueError(
+                raise ConfigError(
                     f"vision.model_name: timm has no architecture {config.model_name!r}; "
                     "see timm.list_models('*vit*') for the choices"
                 ) from err
             raise
         if not hasattr(self.model, "blocks") or not hasattr(self.model, "num_prefix_tokens"):
-            raise ValueError(f"vision.model_name: {config.model_name!r} is not a ViT-style model with blocks")
+            raise ConfigError(f"vision.model_name: {config.model_name!r} is not a ViT-style model with blocks")
         if config.num_blocks is not None:
             depth = len(self.model.blocks)
             if not 0 < config.num_blocks <= depth:
-                raise ValueError(
+                raise ConfigError(
                     f"vision.num_blocks: expected 1..{depth} for {config.model_name}, got {config.num_blocks}"
                 )
             self.model.blocks = self.model.blocks[: config.num_blocks]
         if not config.final_norm:
             self.model.norm = nn.Identity()
+        if config.num_frames < 0:
+            raise ConfigError(
+                f"vision.num_frames: expected 0 (images only) or more frames per clip, got {config.num_frames}"
+            )
+        patch = tuple(self.model.patch_embed.patch_size)
+        if config.image_size < 1 or any(config.image_size % side for side in patch):
+            fits = [k * patch[0] for k in (config.image_size // patch[0], config.image_size // patch[0] + 1) if k]
+            raise ConfigError(
+                f"vision.image_size: {config.image_size} is not a multiple of the patch size {patch[0]} of "
+                f"{config.model_name} (the tower would drop the last {config.image_size % patch[0]} rows and columns "
+                f"of every image); use {' or '.join(map(str, fits))}"
+            )
         if from_timm and tuple(self.model.patch_embed.img_size) != (config.image_size, config.image_size):
             set_tower_resolution(self.model, config.image_size)
         if config.checkpoint_path:
