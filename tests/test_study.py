@@ -226,6 +226,7 @@ def test_the_study_command_runs_every_row_and_seed_resumes_and_reports(tmp_path,
     main(args)
     first = capsys.readouterr().out
     assert "[4/4] ca_frozen seed 1: training" in first and "stage 0: text-only accuracy" in first
+    assert first.index("[2/4] ca_frozen seed 0: training") < first.index("[3/4] pt_adapters_every_2nd seed 1")
     assert (tmp_path / "runs/stage0/llm/config.json").is_file()
     results = sorted(p.name for p in (tmp_path / "runs/results").glob("*.json"))
     assert results == sorted(
@@ -239,8 +240,8 @@ def test_the_study_command_runs_every_row_and_seed_resumes_and_reports(tmp_path,
     assert record["study"]["paper_row"] == "cross_attn" and record["study"]["steps"] == 2
     assert record["study"]["train_seconds"] > 0 and set(record["chance"]) >= {"overall", "pattern"}
     report = (tmp_path / "report/report.md").read_text()
-    row = next(line for line in report.splitlines() if line.startswith("| ca_frozen |"))
-    assert " ± " in row and "| 2 |" in row  # mean ± std over 2 seeds
+    metrics, rows = [line for line in report.splitlines() if line.startswith("| [ca_frozen](")][-2:]
+    assert metrics.count(" ± ") == 6 and "/configs/study/ca_frozen.yaml) | 2 | " in rows  # mean ± std of 2 seeds
     assert "w/ cross-attn (frozen LLM) 31.79" in report and (tmp_path / "report/shapes_study.png").is_file()
 
     # run again: nothing retrains; a run whose results are gone is evaluated again from its checkpoint
@@ -249,6 +250,15 @@ def test_the_study_command_runs_every_row_and_seed_resumes_and_reports(tmp_path,
     main(args)
     second = capsys.readouterr().out
     assert "stage 0: " in second and "(done)" in second and "[1/4] pt_adapters_every_2nd seed 0: done" in second
-    assert "[4/4] ca_frozen seed 1: evaluating" in second and "training" not in second
+    assert "[4/4] ca_frozen seed 1: evaluating" in second and ": training" not in second
     assert {p: p.stat().st_mtime for p in logs} == logs
     assert (tmp_path / "runs/results/ca_frozen-s1__shapes_study.json").is_file()
+
+    # a grid stopped midway: --report-only trains nothing and reports the runs there are, naming the others
+    main([*args[: args.index("--seeds")], "--seeds", "0", "1", "2", "--report-only"])
+    third = capsys.readouterr().out
+    assert ": training" not in third and "stage 0" not in third
+    assert "left out: pt_adapters_every_2nd-s2__shapes_study.json" in third
+    assert {p: p.stat().st_mtime for p in logs} == logs
+    published = sorted(p.name for p in (tmp_path / "report/results/frozen_llm").glob("*.json"))
+    assert published == results

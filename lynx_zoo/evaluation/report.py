@@ -21,6 +21,8 @@ from typing import Any
 
 REQUIRED_KEYS = ("variant", "benchmark", "kind", "unit", "summary", "metrics")
 UNIT_LABELS = {"accuracy": "accuracy (%)", "score": "MME score (max 200 per subtask)"}
+# counts of a results file shown as their own columns: key -> column name
+COUNT_COLUMNS = {"judge_failures": "judge failures", "num_skipped": "skipped"}
 # MME answered at random: half the answers right (acc 50) and a quarter of the images with both right (acc+ 25)
 MME_CHANCE = 75.0
 
@@ -36,6 +38,7 @@ class StudyRun:
         train_seconds: wall time of its training.
         machine: where it ran.
         steps: its training steps.
+        train_cpu_seconds: CPU time of its training (on a shared machine, what it costs alone).
     """
 
     row: str
@@ -44,6 +47,7 @@ class StudyRun:
     train_seconds: float | None = None
     machine: str = ""
     steps: int | None = None
+    train_cpu_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -295,49 +299,89 @@ def _paper_cells(table: Table, row: str, found: list[tuple[str, str, str, str, d
 
 
 # ----------------------------------------------------------------------------------------------- the report
-def markdown_table(results: Sequence[Result], out_dir: Path) -> str:
-    """The ablation-style table (mean ± std over a study row's seeds), the paper's findings beside the study's, and
-    a table of the runs (model and run config, linked)."""
-    table = Table(results)
-    columns: list[tuple[str, str, str]] = []  # (benchmark, section, metric)
-    for bench in table.benchmarks:
-        for section in ("summary", "metrics"):
-            columns.extend((bench, section, m) for m in table.metrics(bench, section))
-    studied = any(table.study(row) for row in table.rows)
-    found = findings(table) if studied else []
-    extra = ["seeds", "training (s)", "paper: Open-VQA image", "study agrees"] if studied else []
-    header = ["variant", *(f"{b}: {m}" for b, _, m in columns), *extra]
+def _shows_count(results: Sequence[Result], key: str) -> bool:
+    """A count column is shown for every judged benchmark (judge failures), or where any result counts some."""
+    return any(r.data.get(key) for r in results) or (
+        key == "judge_failures" and any(r.data.get("kind") == "openvqa" for r in results)
+    )
+
+
+def _cell(table: Table, row: str, column: tuple[str, str, str]) -> str:
+    """A metric's mean ± std over the row's runs, or a count summed over them ("N of M")."""
+    bench, section, metric = column
+    if section != "counts":
+        return _format(table.stat(row, bench, section, metric), table.unit(bench))
+    runs = table.groups.get((row, bench), [])
+    if not runs:
+        return "–"
+    samples = sum(r.data.get("num_samples", 0) for r in runs)
+    return f"{sum(r.data.get(metric, 0) for r in runs)} of {samples}"
+
+
+def _metric_table(table: Table, columns: list[tuple[str, str, str]], names: dict[str, str]) -> list[str]:
+    """Rows x ``columns`` (benchmark, section, metric; section ``counts``: a count column), then a chance row where
+    chance levels are known."""
+    header = ["variant", *(f"{b}: {COUNT_COLUMNS.get(m, m) if s == 'counts' else m}" for b, s, m in columns)]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    configs = {r.row: r.data["run_config"] for r in results if r.data.get("run_config")}
     for row in table.rows:
-        name = f"[{row}]({_link(configs[row], out_dir)})" if row in configs else row
-        cells = [_format(table.stat(row, b, s, m), table.unit(b)) for b, s, m in columns]
-        if studied:
-            study_runs = [r.study for r in results if r.row == row and r.study]
-            seconds = Stat.of([s.train_seconds for s in study_runs])
-            cells += [
-                str(len({s.seed for s in study_runs})) if study_runs else "1",
-                f"{seconds.mean:.0f}" if seconds else "–",
-                *_paper_cells(table, row, found),
-            ]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {names[row]} | " + " | ".join(_cell(table, row, c) for c in columns) + " |")
     chance_cells = []
-    for bench, _, metric in columns:
-        value = table.chance(bench).get(metric)
+    for bench, section, metric in columns:
+        value = table.chance(bench).get(metric) if section != "counts" else None
         chance_cells.append(_format(Stat(value, 0.0, 1), table.unit(bench)) if value is not None else "–")
     if any(c != "–" for c in chance_cells):
-        lines.append("| chance | " + " | ".join(chance_cells + [""] * len(extra)) + " |")
+        lines.append("| chance | " + " | ".join(chance_cells) + " |")
+    return lines
+
+
+def markdown_table(results: Sequence[Result], out_dir: Path) -> str:
+    """The ablation-style table (for a study: one per benchmark, mean ± std over a row's seeds, then the rows' seeds,
+    training time and the paper's figures), the paper's findings beside the study's, and a table of the runs (model
+    and run config, linked)."""
+    table = Table(results)
+    studied = any(table.study(row) for row in table.rows)
+    if studied:  # the reference row first
+        table.rows.sort(key=lambda row: (table.study(row) or StudyRun(row, 0)).paper_row != "lynx")
+    configs = {r.row: r.data["run_config"] for r in results if r.data.get("run_config")}
+    names = {row: f"[{row}]({_link(configs[row], out_dir)})" if row in configs else row for row in table.rows}
+    columns: dict[str, list[tuple[str, str, str]]] = {}  # benchmark -> (benchmark, section, metric)
+    for bench in table.benchmarks:
+        for section in ("summary", "metrics"):
+            columns.setdefault(bench, []).extend((bench, section, m) for m in table.metrics(bench, section))
+        of_bench = [r for r in results if r.benchmark == bench]
+        columns[bench].extend((bench, "counts", key) for key in COUNT_COLUMNS if _shows_count(of_bench, key))
+    found = findings(table) if studied else []
+    if not studied:
+        lines = _metric_table(table, [c for cs in columns.values() for c in cs], names)
+    else:
+        lines = []
+        for bench, bench_columns in columns.items():
+            lines += [f"### {bench}", "", *_metric_table(table, bench_columns, names), ""]
+        lines += ["### The rows", ""]
+        lines += ["| variant | seeds | training: wall / CPU (s) | paper: Open-VQA image | study agrees |"]
+        lines += ["|---|---|---|---|---|"]
+        for row in table.rows:
+            study_runs = [r.study for r in results if r.row == row and r.study]
+            wall = Stat.of([s.train_seconds for s in study_runs])
+            cpu = Stat.of([s.train_cpu_seconds for s in study_runs])
+            time_cell = f"{wall.mean:.0f} / {cpu.mean:.0f}" if wall and cpu else (f"{wall.mean:.0f}" if wall else "–")
+            seeds = str(len({s.seed for s in study_runs})) if study_runs else "1"
+            lines.append(
+                f"| {names[row]} | {seeds} | {time_cell} | " + " | ".join(_paper_cells(table, row, found)) + " |"
+            )
     notes = [
-        "Variants link to their run configs. Accuracy in %; MME scores as the official tool (subtask max 200, "
-        "perception max 2000, cognition max 800). '–': not evaluated."
+        "Variants link to their run configs. Accuracy in %, of the answers the judge judged (its failures are "
+        "counted apart, never as wrong answers); MME scores as the official tool (subtask max 200, perception max "
+        "2000, cognition max 800). '–': not evaluated, or nothing judged. Skipped: questions whose image could not "
+        "be read (listed in the results file)."
     ]
     if studied:
         notes.append(
             "A study row is the mean ± sample standard deviation over its seeds. Chance: always giving each "
             "category's most frequent answer. 'study agrees' compares the row with the row the paper compares it "
-            "with, on each benchmark's overall accuracy: 'agrees' when the difference goes the paper's way by more "
-            "than the seeds' spread (the two standard deviations added in quadrature), 'disagrees' when it goes the "
-            "other way by more, else 'no clear difference'."
+            "with, on each benchmark's overall accuracy (one verdict per benchmark, in the order above): 'agrees' "
+            "when the difference goes the paper's way by more than the seeds' spread (the two standard deviations "
+            "added in quadrature), 'disagrees' when it goes the other way by more, else 'no clear difference'."
         )
     text = [*lines, "", *notes]
     if found:
@@ -360,9 +404,19 @@ def markdown_table(results: Sequence[Result], out_dir: Path) -> str:
         text += ["", "## Budget", ""]
         if steps:
             text.append(f"- training steps per run: {', '.join(map(str, steps))}")
-        seconds = Stat.of([r.study.train_seconds for r in results if r.study and r.study.train_seconds])
-        if seconds:
-            text.append(f"- training wall time per run: {seconds.mean:.0f} s on average, {seconds.n} runs")
+        runs_of = {(r.study.row, r.study.seed): r.study for r in results if r.study}.values()
+        wall = Stat.of([s.train_seconds for s in runs_of])
+        cpu = Stat.of([s.train_cpu_seconds for s in runs_of])
+        if wall:
+            text.append(
+                f"- training time per run ({wall.n} runs): {wall.mean:.0f} s wall on average (max "
+                f"{max(s.train_seconds or 0 for s in runs_of):.0f} s)"
+                + (
+                    f", {cpu.mean:.0f} s CPU (max {max(s.train_cpu_seconds or 0 for s in runs_of):.0f} s)"
+                    if cpu
+                    else ""
+                )
+            )
         text += [f"- machine: {m}" for m in machines]
     runs = ["| variant | benchmark | model | run config | samples |", "|---|---|---|---|---|"]
     for r in results:
@@ -426,15 +480,18 @@ def bar_chart(results: Sequence[Result], benchmark: str, path: Path) -> Path:
     return path
 
 
-def write_report(paths: Sequence[str | Path], out_dir: str | Path) -> Path:
-    """``report.md`` with the table, the runs and the charts (one PNG per scored benchmark) in ``out_dir``."""
+def write_report(
+    paths: Sequence[str | Path], out_dir: str | Path, title: str = "Evaluation report", intro: str = ""
+) -> Path:
+    """``report.md`` with the table, the runs and the charts (one PNG per scored benchmark) in ``out_dir``, under
+    ``title`` and an ``intro`` paragraph."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = load_results(paths)
     charts = []
     for bench in _ordered([r.benchmark for r in results if r.data["unit"] is not None and r.data["metrics"]]):
         charts.append(bar_chart(results, bench, out_dir / f"{bench}.png"))
-    text = "# Evaluation report\n\n" + markdown_table(results, out_dir)
+    text = f"# {title}\n\n" + (f"{intro}\n\n" if intro else "") + markdown_table(results, out_dir)
     if charts:
         text += "\n## Charts\n\n" + "\n\n".join(f"![{c.stem}]({c.name})" for c in charts) + "\n"
     report = out_dir / "report.md"
