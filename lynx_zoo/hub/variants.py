@@ -122,13 +122,23 @@ STUDY_PROTOCOL = (
 )
 
 
+def _study_results(row: str) -> tuple[str, ...]:
+    """The recorded results of a study row, every seed run so far (``study_results/frozen_llm/<row>-s<N>__*.json``,
+    written by ``python -m lynx_zoo study --report docs/study``)."""
+    folder = shipped("study_results/frozen_llm")
+    if not folder.is_dir():
+        return ()
+    return tuple(f"frozen_llm/{p.name}" for p in sorted(folder.glob(f"{row}-s*__*.json")))
+
+
 def _study(row: str, overlay: str | None, description: str) -> VariantInfo:
-    """A row of the frozen-LLM study: ``configs/study/pt.yaml`` and its overlay, results over three seeds."""
+    """A row of the frozen-LLM study: ``configs/study/pt.yaml`` and its overlay, results over its seeds."""
     configs = ("configs/study/pt.yaml",) + ((f"configs/study/{overlay}.yaml",) if overlay else ())
     return VariantInfo(
         f"lynx-study-{row.replace('_', '-')}",
         configs,
         description,
+        results=_study_results(row),
         obtain=STUDY_OBTAIN.replace("{row}", row),
         protocol=STUDY_PROTOCOL,
     )
