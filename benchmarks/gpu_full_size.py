@@ -4,9 +4,9 @@
 * ``fixed_full_logits``: ``--batch`` samples of ``--text`` text tokens, every token a target, the logits of every
   position (the earlier measurement of this script);
 * ``padded_full_logits``, ``padded_answer_only``, ``packed``: the same ``--samples`` instruction samples shaped like
-  LLaVA-665K (``train_throughput.make_samples``: heavy-tailed lengths, answers only as targets; an image round), left-padded with
-  every position's logits, left-padded with the answer-only loss, and packed into rows of ``--pack-tokens`` with the
-  answer-only loss.
+  LLaVA-665K (``train_throughput.make_samples``: heavy-tailed lengths, answers only as targets; an image round, as
+  batches hold one modality), left-padded with every position's logits, left-padded with the answer-only loss, and
+  packed into rows of ``--pack-tokens`` with the answer-only loss.
 
 The models are the shipped configs (configs/pt_vicuna_420.yaml and its grid overlays) with ``pretrained: false``
 (no download: the LLaMA tokenizer comes from the mistral-common wheel), built directly on the device: frozen bf16

@@ -117,6 +117,11 @@ COMMANDS: dict[str, Command] = {
         (OSError, ValueError, ImportError),
     ),
     "stages": Command("train a grid row through the paper's stages", _lazy("lynx_zoo.stages", "main")),
+    "study": Command(
+        "the frozen-LLM study on a CPU: stage 0, every row over 3 seeds, the report",
+        _lazy("lynx_zoo.study", "main"),
+        (OSError, ValueError, RuntimeError),  # a failed run is a RuntimeError naming its log
+    ),
     "data": Command(
         "prepare data sets for streaming (data prepare KIND INPUT... --output DIR)",
         _lazy("lynx_zoo.data.prepare", "main"),

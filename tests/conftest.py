@@ -120,12 +120,18 @@ def llama_tokenizer_dir(tmp_path_factory) -> str:
 
 # ------------------------------------------------------------------------------------------- the shipped configs
 CONFIG_ROOT = REPO / "configs"
-# every config, with the base it overlays: grid/ overlays the real Lynx, demo_grid/ the demo, and the two training
-# stages of Lynx each with its data mixture
+# every config, with the base it overlays: grid/ overlays the real Lynx, demo_grid/ the demo, study/ the frozen-LLM
+# study's reference row (stage 0 stands alone), and the two training stages of Lynx each with its data mixture
 CONFIGS = (
     [[p] for p in sorted(CONFIG_ROOT.glob("*.yaml"))]
     + [[CONFIG_ROOT / "pt_vicuna_420.yaml", p] for p in sorted((CONFIG_ROOT / "grid").glob("*.yaml"))]
     + [[CONFIG_ROOT / "demo.yaml", p] for p in sorted((CONFIG_ROOT / "demo_grid").glob("*.yaml"))]
+    + [[CONFIG_ROOT / "study" / "stage0.yaml"], [CONFIG_ROOT / "study" / "pt.yaml"]]
+    + [
+        [CONFIG_ROOT / "study" / "pt.yaml", p]
+        for p in sorted((CONFIG_ROOT / "study").glob("*.yaml"))
+        if p.stem not in ("pt", "stage0")
+    ]
     + [
         [
             CONFIG_ROOT / "pt_vicuna_420.yaml",

@@ -1,5 +1,5 @@
 """FSDP2 on 2 CPU processes (gloo) against one process, exact resume from sharded checkpoints, consolidated
-export, activation checkpointing, and the strategy's options."""
+export, activation checkpointing, and the strategy's options; for PT, CA and PT with LoRA adapters (peft)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from lynx_zoo import CrossAttnConfig, CrossAttnLynx, PrefixLynx
@@ -29,7 +30,7 @@ TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 import fsdp_worker  # noqa: E402
 
-FUSIONS = {"pt": PrefixLynx, "ca": CrossAttnLynx}
+FUSIONS = {"pt": PrefixLynx, "ca": CrossAttnLynx, "lora": PrefixLynx}
 
 
 @pytest.fixture(scope="module")
@@ -117,11 +118,15 @@ def ca_configs() -> dict:
     return dict(cross_attn=CrossAttnConfig(every=2, start=1, num_heads=2, head_dim=8))
 
 
+FUSION_CONFIGS = {"pt": {}, "ca": ca_configs(), "lora": {"adapters": fsdp_worker.LORA}}
+
+
 def grads_and_calls(model: nn.Module, batch: dict) -> tuple[dict[str, torch.Tensor], int]:
-    """Gradients of one backward, and how often adapters and cross-attention blocks ran their forward."""
+    """Gradients of one backward, and how often adapters (bottleneck or LoRA) and cross-attention blocks ran their
+    forward."""
     calls = [0]
     for module in model.modules():
-        if type(module).__name__ in ("BottleneckAdapter", "GatedCrossAttentionBlock"):
+        if type(module).__name__ in ("BottleneckAdapter", "GatedCrossAttentionBlock") or isinstance(module, LoraLayer):
             # a pre-hook: the recomputation stops early, once it has what the backward needs
             module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     model(**batch).loss.backward()
@@ -131,7 +136,7 @@ def grads_and_calls(model: nn.Module, batch: dict) -> tuple[dict[str, torch.Tens
 
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_activation_checkpointing_recomputes_hooks_inside_and_keeps_gradients(make_tiny, fusion):
-    extra = ca_configs() if fusion == "ca" else {}
+    extra = FUSION_CONFIGS[fusion]
     plain, checkpointed = make_tiny(FUSIONS[fusion], **extra), make_tiny(FUSIONS[fusion], **extra)
     names = list(checkpointed.state_dict())
     assert apply_activation_checkpointing(checkpointed) == 4

@@ -209,8 +209,15 @@ def test_report_writes_the_ablation_table_and_charts(run, tmp_path):
     assert columns[:3] == ["variant", "mme: perception", "mme: cognition"]
     assert {"shapes: overall", "shapes: colour", "open: overall", "mme: existence"} <= set(columns)
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
-    assert [r[0].split("]")[0] for r in rows] == ["[alpha", "beta"]  # beta has no run config: no link
-    alpha_row, beta_row = rows
+    assert [r[0].split("]")[0] for r in rows] == ["[alpha", "beta", "chance"]  # beta has no run config: no link
+    alpha_row, beta_row, chance_row = rows
+    # chance: each category's most frequent answer (MME answered at random: acc 50 + acc+ 25)
+    _, shapes_rows = load(run["results"], "alpha__shapes")
+    colour = [r["gt"] for r in shapes_rows if r["category"] == "colour"]
+    majority = max(colour.count(a) for a in set(colour)) / len(colour)
+    assert chance_row[columns.index("shapes: colour")] == f"{100 * majority:.1f}"
+    assert alpha["chance"]["colour"] == pytest.approx(majority)
+    assert chance_row[columns.index("mme: existence")] == "75.00"
     assert alpha_row[columns.index("shapes: overall")] == f"{100 * alpha['summary']['overall']:.1f}"
     assert beta_row[columns.index("mme: perception")] == f"{beta_mme['summary']['perception']:.2f}"
     assert beta_row[columns.index("shapes: colour")] == f"{100 * beta_shapes['metrics']['colour']:.1f}"

@@ -8,36 +8,11 @@ MLP residual:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 import torch
 from torch import nn
 
-from lynx_zoo.llm.layers import InsertedBlock, LayerPlacement, attach_block, decoder_layers
-
-
-@dataclass
-class AdapterConfig(LayerPlacement):
-    """Where the adapters go and how big they are.
-
-    Placement: ``layers`` (an explicit list) if given, else every ``every``-th layer from ``start``;
-    ``every: null`` with no ``layers`` means no adapters. Lynx's released config: every 2nd layer from 0.
-
-    Args:
-        every: put an adapter on every ``every``-th decoder layer (1 = all layers).
-        start: the first layer that gets one when placing by ``every``.
-        layers: explicit layer indices (overrides ``every``/``start``).
-        bottleneck: hidden size of the adapter (default: half the LLM width, Lynx's 4096 -> 2048).
-        init_std: std of the normal init of the down/up weights (biases start at 0).
-        init_scale: initial value of the learnable output scale ``s``.
-    """
-
-    section: ClassVar[str] = "adapters"
-
-    bottleneck: int | None = None
-    init_std: float = 0.02
-    init_scale: float = 1.0
+from lynx_zoo.adapters.config import AdapterConfig
+from lynx_zoo.llm.layers import InsertedBlock, attach_block, decoder_layers
 
 
 class BottleneckAdapter(InsertedBlock):
@@ -60,7 +35,7 @@ class BottleneckAdapter(InsertedBlock):
         return hidden + (self.scale * update).to(hidden.dtype)
 
 
-def insert_adapters(llm: nn.Module, config: AdapterConfig, width: int) -> dict[int, BottleneckAdapter]:
+def insert_bottleneck_adapters(llm: nn.Module, config: AdapterConfig, width: int) -> dict[int, BottleneckAdapter]:
     """Attach a :class:`BottleneckAdapter` to the decoder layers chosen by ``config``; returns them by layer index."""
     layers = decoder_layers(llm)
     bottleneck = config.bottleneck or width // 2

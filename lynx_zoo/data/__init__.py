@@ -4,6 +4,7 @@ from lynx_zoo.data.datamodule import ShapesVQADataModule, VQADataModule
 from lynx_zoo.data.manifest import ManifestError, read_manifest
 from lynx_zoo.data.mixture import MixtureDataModule
 from lynx_zoo.data.processor import IGNORE_INDEX, LynxProcessor, PromptConfig, PromptCutWarning, Sample, Skipped
+from lynx_zoo.data.shapes_study import ShapesStudyDataModule
 from lynx_zoo.data.sources import (
     ConversationSource,
     DataError,
@@ -33,6 +34,7 @@ __all__ = [
     "PromptConfig",
     "PromptCutWarning",
     "Sample",
+    "ShapesStudyDataModule",
     "ShapesVQADataModule",
     "Skipped",
     "VQADataModule",

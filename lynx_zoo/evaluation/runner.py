@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
+from lynx_zoo.data.answers import metric_key
 from lynx_zoo.data.manifest import read_manifest
 from lynx_zoo.evaluation.judges import (
     ExactMatchJudge,
@@ -49,11 +51,13 @@ from lynx_zoo.evaluation.judges import (
     judge_all,
 )
 from lynx_zoo.evaluation.mme import load_mme
+from lynx_zoo.evaluation.report import StudyRun
 from lynx_zoo.fusion.base import LynxModel
 from lynx_zoo.generation import open_image
 from lynx_zoo.hub import ModelConfig, load_model, resolve_variant
 from lynx_zoo.hub.config import jsonable
 from lynx_zoo.metrics import CategoryAccuracy, mme_yes_no
+from lynx_zoo.training.callbacks import majority_rates
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +68,12 @@ _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 @dataclass(frozen=True)
 class Variant:
-    """A model to evaluate (anything :func:`lynx_zoo.load_model` takes) and the name its results go under."""
+    """A model to evaluate (anything :func:`lynx_zoo.load_model` takes), the name its results go under, and, for a
+    run of a study over seeds, which row and seed it is (recorded in the results as ``study``)."""
 
     name: str
     source: str
+    study: StudyRun | None = None
 
     def locate(self) -> Path:
         """The checkpoint file or variant folder this names; an error naming it if there is none."""
@@ -131,6 +137,16 @@ def parse_benchmark(kind: BenchmarkKind, spec: str) -> Benchmark:
 def _number(value: torch.Tensor | float) -> float | None:
     number = float(value)
     return None if math.isnan(number) else number
+
+
+def chance_levels(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Per category, the accuracy of always giving the category's most frequent answer, and ``overall``, that of
+    giving each question its category's (what a model that ignores the image and the question's details scores)."""
+    rates = majority_rates(list(records))
+    counts = Counter(metric_key(str(r.get("category") or "")) for r in records)
+    total = sum(counts.values())
+    overall = sum(rates[c] * n for c, n in counts.items()) / total if total else math.nan
+    return {"overall": overall, **rates}
 
 
 @dataclass
@@ -281,6 +297,8 @@ class Evaluator:
             "predictions": predictions.name,
             **result,
         }
+        if variant.study is not None:
+            record["study"] = dataclasses.asdict(variant.study)
         path = self.results_dir / f"{stem}.json"
         path.write_text(json.dumps(jsonable(record), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         summary = ", ".join(f"{k} {v:.4g}" for k, v in record["summary"].items() if v is not None)
@@ -358,6 +376,7 @@ class Evaluator:
         result = {
             "judge": judge.describe(),
             "num_samples": len(records),
+            "chance": chance_levels(records),
             "num_judged": len(judged),
             "judge_failures": count("failed"),
             "num_skipped": count("skipped"),

@@ -42,6 +42,8 @@ from lynx_zoo.vision import VisionConfig, VisionEncoder, resample_vision_pos_emb
 # torch's safe (weights-only) unpickler so checkpoints load without arbitrary code execution.
 torch.serialization.add_safe_globals(
     [VisionConfig, BridgeConfig, LLMConfig, AdapterConfig, OptimizerConfig, PromptConfig]
+    # where checkpoints saved before adapters.kind existed name the adapter config
+    + [(AdapterConfig, "lynx_zoo.adapters.bottleneck.AdapterConfig")]
 )
 
 
@@ -115,7 +117,7 @@ class LynxModel(L.LightningModule):
         vision: the vision tower (any timm ViT).
         bridge: the vision-to-LLM bridge (Perceiver resampler or a projector).
         llm: the causal LM (any HF model) and its tokenizer.
-        adapters: bottleneck adapters in the LLM's decoder layers (placement and size).
+        adapters: adapters in the LLM's decoder layers: Lynx's bottleneck adapters or LoRA (kind, placement, size).
         optimizer: AdamW and the warmup + linear decay schedule.
         prompt: the prompt format and text length limit.
         eval_generation: ``generate`` settings of validation answers and the model's default (greedy by default).
@@ -156,7 +158,13 @@ class LynxModel(L.LightningModule):
         tokenizer = load_tokenizer(self.llm_config)
         self.llm = build_llm(self.llm_config, tokenizer)
         self.llm_width: int = self.llm.config.hidden_size
-        self.adapter_blocks = insert_adapters(self.llm, self.adapter_config, self.llm_width)
+        if self.adapter_config.kind == "lora" and self.llm_config.trainable:
+            raise ValueError(
+                "adapters.kind: lora trains low-rank updates of a frozen LLM, but llm.trainable is true (the whole "
+                "LLM trains): set llm.trainable: false for LoRA, or use adapters.kind: bottleneck"
+            )
+        # by decoder layer, the modules that hold each layer's adapter weights
+        self.adapter_blocks: dict[int, nn.Module] = insert_adapters(self.llm, self.adapter_config, self.llm_width)
         self.adapter_layers = sorted(self.adapter_blocks)
         self.bridge = build_bridge(self.bridge_config, self.vision.width, self.llm_width)
         # Lynx's video encoding: a learned embedding per frame, added to that frame's tokens
@@ -378,10 +386,13 @@ class LynxModel(L.LightningModule):
         self.init_from = None
 
     def train(self, mode: bool = True) -> LynxModel:
-        """Train mode for the trainable parts; a frozen LLM stays in eval mode (no dropout)."""
+        """Train mode for the trainable parts; a frozen LLM stays in eval mode (no dropout), its adapters follow
+        ``mode`` (LoRA's dropout)."""
         super().train(mode)
         if not self.llm_config.trainable:
             self.llm.eval()
+            for adapter in self.adapter_blocks.values():
+                adapter.train(mode)
         return self
 
     def load_weights(self, path: str) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from lynx_zoo.fusion.base import LynxModel
 from lynx_zoo.hub.config import ModelConfig
 from lynx_zoo.hub.variants import VARIANTS, VariantInfo
 from lynx_zoo.hub.weights import base_prefixes, variant_keys
-from lynx_zoo.llm import base_llm
+from lynx_zoo.llm import BUILTIN_TOKENIZERS, base_llm
 from lynx_zoo.resources import shipped
 
 # what the paper's mixtures hold (front matter `datasets` of the variants of the paper's LLMs)
@@ -139,14 +141,16 @@ def _front_matter(facts: CardFacts) -> list[str]:
     llm, vision = facts.config.llm, facts.config.vision
     known = base_llm(llm.model)
     bases = []
-    if llm.pretrained and (known or (llm.model and not llm.model.startswith("package://"))):
+    if llm.pretrained and (known or _hub_id(llm.model)):
         bases.append(known.hub_id if known else llm.model)
     if vision.pretrained:
         bases.append(f"timm/{vision.model_name}")
     tags = ["lynx", "lynx_zoo", "multimodal", "visual-question-answering", facts.config.model_class.kind]
     if facts.adapter_layers:
-        tags.append("adapters")
-    datasets = LYNX_DATASETS if known and known.lynx_paper else ["lynx_zoo/shapes-vqa (rendered)"]
+        tags += ["adapters", "lora"] if facts.config.adapters.kind == "lora" else ["adapters"]
+    study = str((facts.data or {}).get("class_path", "")).endswith("ShapesStudyDataModule")
+    rendered = "lynx_zoo/shapes-study (rendered)" if study else "lynx_zoo/shapes-vqa (rendered)"
+    datasets = LYNX_DATASETS if known and known.lynx_paper else [rendered]
     metrics = ["accuracy"] if facts.results or facts.paper else []
     license_id = known.license if known else "apache-2.0"
     lines = ["---", f"license: {license_id}", *_yaml_list("base_model", bases), "pipeline_tag: image-text-to-text"]
@@ -154,15 +158,36 @@ def _front_matter(facts: CardFacts) -> list[str]:
     lines += _yaml_list("metrics", metrics)
     if facts.results:
         lines += ["model-index:", f"- name: {facts.id}", "  results:"]
-        for result in facts.results:
+        for benchmark, runs in _by_benchmark(facts.results).items():
             lines += [
                 "  - task: {type: visual-question-answering}",
-                f"    dataset: {{name: {result['benchmark']}, type: {result['benchmark']}}}",
+                f"    dataset: {{name: {benchmark}, type: {benchmark}}}",
                 "    metrics:",
             ]
-            for key, value in [("overall", result["summary"]["overall"]), *result["metrics"].items()]:
-                lines.append(f"    - {{type: accuracy, name: {key}, value: {value}}}")
+            for key, values in _metric_values(runs).items():
+                lines.append(f"    - {{type: accuracy, name: {key}, value: {round(statistics.fmean(values), 4)}}}")
     return [*lines, "---"]
+
+
+def _by_benchmark(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for result in results:
+        grouped.setdefault(result["benchmark"], []).append(result)
+    return grouped
+
+
+def _metric_values(runs: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """``overall`` and each category's accuracy over the runs of one benchmark (its seeds)."""
+    values: dict[str, list[float]] = {}
+    for run in runs:
+        for key, value in [("overall", run["summary"]["overall"]), *run["metrics"].items()]:
+            values.setdefault(key, []).append(value)
+    return values
+
+
+def _hub_id(model: str | None) -> bool:
+    """Whether ``llm.model`` names a hub repository (``org/name``) rather than a local folder or a package."""
+    return bool(model) and re.fullmatch(r"[\w.-]+/[\w.-]+", model) is not None and not Path(model).exists()
 
 
 def _fmt(n: int) -> str:
@@ -212,7 +237,7 @@ def _architecture(facts: CardFacts) -> list[str]:
         ("LLM dtype", llm.dtype or "float32"),
         ("vocabulary", f"{facts.vocab_size:,} tokens"),
         ("adapter layers", _layers(facts.adapter_layers)),
-        ("adapter bottleneck", f"{adapters.bottleneck or 'half the LLM width'}"),
+        ("adapter kind", adapters.describe() if facts.adapter_layers else "none"),
         ("fusion blocks", f"`{facts.fusion_block}` before layers {_layers(facts.fusion_layers)}"
          if facts.fusion_layers else "none"),
     ]  # fmt: skip
@@ -294,17 +319,29 @@ def _results(facts: CardFacts) -> list[str]:
     lines = ["## Evaluation results", ""]
     if not facts.results and not facts.paper:
         return [*lines, "No recorded evaluation for this variant."]
-    for r in facts.results:
-        lines += [
-            f"Measured with `python -m lynx_zoo evaluate` on `{r['benchmark']}` ({r['num_samples']} questions, "
-            f"exact match; `{r['file']}`):",
-            "",
-            "| category | accuracy |",
-            "|---|---:|",
-            f"| overall | {r['summary']['overall']:.3f} |",
-            *[f"| {k} | {v:.3f} |" for k, v in r["metrics"].items()],
-            "",
-        ]
+    for benchmark, runs in _by_benchmark(facts.results).items():
+        files = ", ".join(f"`{r['file']}`" for r in runs)
+        chance = runs[0].get("chance") or {}
+        lines.append(
+            f"Measured with `python -m lynx_zoo evaluate` on `{benchmark}` ({runs[0]['num_samples']} questions, "
+            f"exact match; {files}):"
+        )
+        if len(runs) == 1:
+            lines += [
+                "",
+                "| category | accuracy |" + (" chance |" if chance else ""),
+                "|---|---:|" + ("---:|" * bool(chance)),
+            ]
+            for key, (value,) in _metric_values(runs).items():
+                lines.append(f"| {key} | {value:.3f} |" + (f" {chance[key]:.3f} |" if key in chance else ""))
+        else:
+            seeds = [r["study"]["seed"] for r in runs if r.get("study")]
+            over = f"over seeds {', '.join(map(str, seeds))}" if seeds else f"over {len(runs)} runs"
+            lines += ["", f"| category | accuracy, mean ± std {over} | chance |", "|---|---:|---:|"]
+            for key, values in _metric_values(runs).items():
+                level = f"{chance[key]:.3f}" if key in chance else "–"
+                lines.append(f"| {key} | {statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f} | {level} |")
+        lines.append("")
     if facts.paper:
         lines += ["Reported in the Lynx paper (arXiv 2307.02469) for this configuration; not measured by lynx_zoo:", ""]
         lines += ["| metric | value |", "|---|---:|"]
@@ -313,7 +350,8 @@ def _results(facts: CardFacts) -> list[str]:
 
 
 def _use(facts: CardFacts) -> list[str]:
-    demo = not facts.config.llm.pretrained
+    # a random-weights LLM, or one that speaks only a built-in (shapes) vocabulary
+    demo = not facts.config.llm.pretrained or facts.config.llm.tokenizer in BUILTIN_TOKENIZERS
     known = base_llm(facts.config.llm.model)
     license_note = known.license_note if known else ""
     intended = (

@@ -126,11 +126,19 @@ def export_main(argv: list[str]) -> Path:
     parser = _parser("export", "Export a run's Lightning checkpoint as a variant folder (safetensors, config, card).")
     parser.add_argument("--ckpt", type=Path, required=True, help="the Lightning checkpoint (RUN.ckpt)")
     parser.add_argument("--model-class", help="for checkpoints that record no class: a registered one (PrefixLynx)")
+    parser.add_argument(
+        "--merge-lora",
+        type=Path,
+        metavar="LLM_DIR",
+        help="merge the LoRA updates into a copy of the base LLM written to LLM_DIR; the variant loads it (serving)",
+    )
     _variant_out_args(parser)
     args = parser.parse_args(argv)
     from lynx_zoo.hub.export import export_checkpoint
 
-    folder = export_checkpoint(args.ckpt, args.out, name=args.name, model_class=args.model_class)
+    folder = export_checkpoint(
+        args.ckpt, args.out, name=args.name, model_class=args.model_class, merge_lora=args.merge_lora
+    )
     return _done(folder, args.name, args.register)
 
 

@@ -17,6 +17,8 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
 
+from lynx_zoo.adapters import AdapterConfig
+from lynx_zoo.adapters.lora import base_state_dict, lora_layers, merged_llm
 from lynx_zoo.fusion.base import LynxModel
 from lynx_zoo.hub.cards import exported_card
 from lynx_zoo.hub.config import CARD_FILE, CONFIG_FILE, FORMAT, FORMAT_VERSION, TOKENIZER_DIR, WEIGHTS_FILE, ModelConfig
@@ -167,10 +169,71 @@ def write_variant(
 
 
 def export_checkpoint(
-    checkpoint: str | Path, out: str | Path, name: str | None = None, model_class: str | None = None
+    checkpoint: str | Path,
+    out: str | Path,
+    name: str | None = None,
+    model_class: str | None = None,
+    merge_lora: str | Path | None = None,
 ) -> Path:
-    """Export a Lightning checkpoint of a lynx_zoo run (``RUN.ckpt``) as a variant folder."""
+    """Export a Lightning checkpoint of a lynx_zoo run (``RUN.ckpt``) as a variant folder; ``merge_lora``: merge its
+    LoRA updates into a local copy of the base LLM written there (:func:`export_merged_variant`)."""
     from lynx_zoo.hub.loading import load_checkpoint
 
     model = load_checkpoint(Path(checkpoint), "cpu", model_class)
-    return export_variant(model, out, name=name, source=str(Path(checkpoint).resolve()))
+    source = str(Path(checkpoint).resolve())
+    if merge_lora is not None:
+        return export_merged_variant(model, out, merge_lora, name=name, source=source)
+    return export_variant(model, out, name=name, source=source)
+
+
+def export_merged_variant(
+    model: LynxModel, out: str | Path, llm_folder: str | Path, name: str | None = None, source: str | None = None
+) -> Path:
+    """Export a model with LoRA adapters for serving: its LoRA updates merged into a local copy of its base LLM.
+
+    The merged LLM is written to ``llm_folder`` (a transformers folder, :func:`save_llm`); the variant at ``out``
+    loads it as its pretrained, frozen base and has no adapters, so it runs at the base LLM's speed. It stores the
+    model's other trained weights (bridge, fusion blocks, ...); its answers are those of the unmerged model.
+    """
+    if model.adapter_config.kind != "lora" or not model.adapter_blocks:
+        raise ValueError(
+            f"merge LoRA: the model has no LoRA adapters (adapters.kind: {model.adapter_config.kind}, layers "
+            f"{model.adapter_layers}); export it without merging"
+        )
+    llm_folder = save_llm(model, llm_folder).resolve()
+    config = ModelConfig.from_model(model)
+    llm = model.llm_config
+    config = config.replace(
+        llm={
+            "model": str(llm_folder),
+            "pretrained": True,
+            "gguf_file": None,
+            "revision": None,
+            "tokenizer": llm.tokenizer if llm.tokenizer and not llm.gguf_file else str(llm_folder),
+        }
+    )
+    config = ModelConfig(config.model_class, {**config.init_args, "adapters": AdapterConfig(every=None)})
+    merged = config.build()
+    llm_keys = {f"llm.{k}" for k in base_state_dict(merged.llm)}
+    state = model.state_dict()
+    merged.load_state_dict({k: state[k] for k in merged.state_dict() if k not in llm_keys}, strict=False)
+    return export_variant(merged, out, name=name, source=source)
+
+
+def save_llm(model: LynxModel, folder: str | Path) -> Path:
+    """Write the model's LLM as a transformers folder (``config.json``, ``model.safetensors``, the tokenizer) that
+    ``llm.model`` can name as a pretrained base: LoRA updates merged into the weights they adapt, without the blocks
+    the zoo inserted into its layers (adapters, cross-attention blocks). Written beside and renamed into place."""
+    folder = Path(folder)
+    llm = merged_llm(model.llm) if any(lora_layers(model.llm)) else model.llm
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        llm.save_pretrained(tmp, state_dict=base_state_dict(llm), safe_serialization=True)
+        model.tokenizer.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -112,6 +112,38 @@ def _stage(stage: str, data: str, description: str, protocol: str, obtain: str =
     )
 
 
+STUDY_OBTAIN = (
+    "train it in the frozen-LLM study, then export: python -m lynx_zoo study --rows {row} --seeds 0 && "
+    "python -m lynx_zoo export --ckpt runs/study/{row}/seed0/checkpoints/last.ckpt --out {folder}"
+)
+STUDY_PROTOCOL = (
+    "the frozen-LLM study (`python -m lynx_zoo study`, docs/study/): stage 0 trains the LLM on text only "
+    "(configs/study/stage0.yaml), then one `fit` of these configs on the frozen stage-0 LLM per seed (0, 1, 2)"
+)
+
+
+def _study_results(row: str) -> tuple[str, ...]:
+    """The recorded results of a study row, every seed run so far (``study_results/frozen_llm/<row>-s<N>__*.json``,
+    written by ``python -m lynx_zoo study --report docs/study``)."""
+    folder = shipped("study_results/frozen_llm")
+    if not folder.is_dir():
+        return ()
+    return tuple(f"frozen_llm/{p.name}" for p in sorted(folder.glob(f"{row}-s*__*.json")))
+
+
+def _study(row: str, overlay: str | None, description: str) -> VariantInfo:
+    """A row of the frozen-LLM study: ``configs/study/pt.yaml`` and its overlay, results over its seeds."""
+    configs = ("configs/study/pt.yaml",) + ((f"configs/study/{overlay}.yaml",) if overlay else ())
+    return VariantInfo(
+        f"lynx-study-{row.replace('_', '-')}",
+        configs,
+        description,
+        results=_study_results(row),
+        obtain=STUDY_OBTAIN.replace("{row}", row),
+        protocol=STUDY_PROTOCOL,
+    )
+
+
 def _demo(stem: str, description: str, result: str) -> VariantInfo:
     return VariantInfo(
         f"lynx-demo-{stem.replace('_', '-')}",
@@ -198,6 +230,36 @@ VARIANTS: dict[str, VariantInfo] = {
         _demo("adapters_every_layer", "The demo with an adapter on every decoder layer", "pt_adapters_every_layer"),
         _demo("adapters_none", "The demo without adapters", "pt_no_adapters"),
         _demo("ca", "The demo with cross-attention fusion (CA, trainable LLM)", "ca"),
+        VariantInfo(
+            "lynx-study-stage0",
+            ("configs/study/stage0.yaml",),
+            "Stage 0 of the frozen-LLM study: the demo's small LLaMA (4 layers) trained on text only, captions of "
+            "rendered scenes and questions about them; the frozen base of every study row",
+            obtain="train it, then export: python -m lynx_zoo study (its first step trains stage 0) && "
+            "python -m lynx_zoo export --ckpt runs/study/stage0/checkpoints/last.ckpt --out {folder}",
+            protocol="one `fit` of its config (the first step of `python -m lynx_zoo study`)",
+        ),
+        _study(
+            "pt_adapters_every_2nd",
+            None,
+            "The frozen-LLM study's reference row: PT on the frozen stage-0 LLM with bottleneck adapters on every "
+            "2nd layer, 64 px, diverse phrasings",
+        ),
+        _study(
+            "pt_adapters_every_layer", "pt_adapters_every_layer", "The frozen-LLM study with adapters on every layer"
+        ),
+        _study("pt_adapters_none", "pt_adapters_none", "The frozen-LLM study without adapters"),
+        _study("pt_lora", "pt_lora", "The frozen-LLM study with LoRA (peft) on every layer instead of adapters"),
+        _study("ca_frozen", "ca_frozen", "The frozen-LLM study with cross-attention fusion (CA, frozen LLM)"),
+        _study(
+            "ca_trainable_llm",
+            "ca_trainable_llm",
+            "The frozen-LLM study's CA row with the LLM trained too, on a mixture with text-only data",
+        ),
+        _study("pt_low_res", "pt_low_res", "The frozen-LLM study's reference row at 32 px"),
+        _study(
+            "pt_single_prompt", "pt_single_prompt", "The frozen-LLM study's reference row on one phrasing per question"
+        ),
         VariantInfo(
             "lynx-tiny",
             ("configs/tiny.yaml",),
