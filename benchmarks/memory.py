@@ -21,7 +21,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from scale_common import lynx_model, report
+from scale_common import lynx_model, measuring_trainer, report
 from torch.utils.data import DataLoader
 
 from lynx_zoo.training.distributed import LynxFSDP2Strategy
@@ -50,20 +50,8 @@ class Measure(L.Callback):
 def worker(devices: int, out: Path) -> None:
     model = lynx_model(llm_trainable=True)
     measure = Measure()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy=LynxFSDP2Strategy(param_dtype=None) if devices > 1 else "auto",
-        max_steps=3,
-        callbacks=[measure],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,
-    )
+    strategy = LynxFSDP2Strategy(param_dtype=None) if devices > 1 else "auto"
+    trainer = measuring_trainer(3, measure, devices=devices, strategy=strategy, use_distributed_sampler=False)
     ids = torch.randint(4, len(model.tokenizer), (2, 16))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "images": torch.randn(2, 3, 224, 224)}
     trainer.fit(model, DataLoader([{**batch, "labels": ids}] * 3, batch_size=None))

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -92,6 +93,24 @@ def report(name: str, rows: list[dict[str, Any]], columns: list[str], **extra: A
 
 
 # ---------------------------------------------------------------------------------------------- matched models
+
+
+def measuring_trainer(max_steps: int, callback: L.Callback, **options: Any) -> L.Trainer:
+    """A CPU Lightning Trainer that adds nothing to the steps it runs beyond the loop itself: no logger, checkpoints,
+    progress bar, model summary or validation; ``callback`` measures. ``options`` go to the Trainer."""
+    return L.Trainer(
+        **{"accelerator": "cpu", "devices": 1, **options},
+        max_steps=max_steps,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+
+
 def lynx_model(seed: int = 0, llm_trainable: bool = False, bridge: Any = None, max_length: int = 128) -> Any:
     """lynx_zoo PT at the benchmark size: frozen tower (196 patch tokens), trainable MLP projector (or ``bridge``),
     frozen LLM (or a trainable one), ``max_length`` text tokens per sample."""

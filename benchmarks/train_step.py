@@ -19,7 +19,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from scale_common import image_tokens, llava_inputs, llava_model, lynx_model, report
+from scale_common import image_tokens, llava_inputs, llava_model, lynx_model, measuring_trainer, report
 from torch.utils.data import DataLoader
 
 from lynx_zoo.data.processor import IGNORE_INDEX
@@ -94,18 +94,7 @@ def main() -> None:
         LLAVA: loop_step(llava, hf_batch, args.steps, lynx.optimizer_config),
     }
     interleave = Interleave(loops)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=args.steps,
-        callbacks=[interleave],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer = measuring_trainer(args.steps, interleave)
     trainer.fit(lynx, train_dataloaders=DataLoader([batch] * args.steps, batch_size=None))
     times = {name: measured[args.warmup :] for name, measured in interleave.times.items()}
 

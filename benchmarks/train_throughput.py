@@ -61,7 +61,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from scale_common import image_tokens, llava_model, lynx_model, report
+from scale_common import image_tokens, llava_model, lynx_model, measuring_trainer, report
 from torch.utils.data import DataLoader
 
 from lynx_zoo import BridgeConfig, OptimizerConfig
@@ -347,18 +347,7 @@ def main() -> None:
     visual = {name: 0 if name == HF or "packed" in name else arms[name].model.media_tokens_in_sequence(1)
               for name in names}  # fmt: skip
     interleave = Interleave(rounds, loops, visual)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        callbacks=[interleave],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer = measuring_trainer(steps, interleave)
     # the model's own configure_optimizers: AdamW and the schedule over max_steps, as the bare loops
     loader = DataLoader(rounds, batch_size=None, collate_fn=lightning_model.collate)
     trainer.fit(lightning_model.model, train_dataloaders=loader)
