@@ -330,6 +330,8 @@ def main() -> None:
     parser.add_argument("--memory-arm", help=argparse.SUPPRESS)
     parser.add_argument("--memory-round", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error(f"--rounds: at least 2 (at least one measured round is text-only), got {args.rounds}")
     if args.memory_arm:
         return measure_memory(args)
     torch.set_num_threads(args.threads)
