@@ -7,7 +7,8 @@ import datetime
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -56,14 +57,20 @@ def _package_version() -> str:
         return "unknown"
 
 
-def _prepare_out(out: Path) -> Path:
-    """A fresh temporary folder beside ``out``; ``out`` may only be missing, empty or an earlier variant."""
-    if out.exists() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
-        raise FileExistsError(f"export: {out} exists and is not a variant folder; choose an empty or new folder")
+@contextmanager
+def _written_in_place_of(out: Path) -> Iterator[Path]:
+    """A fresh temporary folder beside ``out`` to write into; when the block ends without an error it replaces
+    ``out`` (renamed into place), else it is removed and ``out`` stays as it was."""
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    return tmp
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def export_variant(
@@ -128,8 +135,9 @@ def write_variant(
     ``save_tokenizer(folder)`` writes a changed tokenizer; ``extra`` goes into config.json."""
     out = Path(out)
     name = name or out.name
-    tmp = _prepare_out(out)
-    try:
+    if out.exists() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
+        raise FileExistsError(f"export: {out} exists and is not a variant folder; choose an empty or new folder")
+    with _written_in_place_of(out) as tmp:
         files: dict[str, str] = {}
         if save_tokenizer is not None:
             save_tokenizer(tmp / TOKENIZER_DIR)
@@ -160,11 +168,6 @@ def write_variant(
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         (tmp / CARD_FILE).write_text(exported_card(name, config, model, source), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -226,14 +229,7 @@ def save_llm(model: LynxModel, folder: str | Path) -> Path:
     the zoo inserted into its layers (adapters, cross-attention blocks). Written beside and renamed into place."""
     folder = Path(folder)
     llm = merged_llm(model.llm) if any(lora_layers(model.llm)) else model.llm
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with _written_in_place_of(folder) as tmp:
         llm.save_pretrained(tmp, state_dict=base_state_dict(llm), safe_serialization=True)
         model.tokenizer.save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
