@@ -38,6 +38,20 @@ def attached_model(datamodule: L.LightningDataModule) -> Any:
     return model
 
 
+def warn_of_changed_settings(data: str, saved: dict[str, Any], now: dict[str, Any], what: str) -> None:
+    """Warn, naming each setting as (then, now), when ``data`` resumes with other settings than its checkpoint
+    ``saved``: its ``what`` (order, schedule) differs, so some samples will be repeated or skipped."""
+    changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
+    if changed:
+        log.warning(
+            "resuming %s with other settings than the checkpoint's (%s: (then, now)): the %s differs, so some "
+            "samples will be repeated or skipped",
+            data,
+            changed,
+            what,
+        )
+
+
 class LynxDataModule(L.LightningDataModule, ABC):
     """The base of the zoo's DataModules: what they declare to the training callbacks.
 
@@ -104,13 +118,7 @@ class ResumableLoader(DataLoader):
         sampler: EpochShuffle = self.sampler  # type: ignore[assignment]
         now = {"seed": sampler.seed, "batch_size": self.batch_size, "world_size": sampler.num_replicas,
                "samples": len(self.dataset)}  # fmt: skip
-        changed = {k: (state[k], v) for k, v in now.items() if k in state and state[k] != v}
-        if changed:
-            log.warning(
-                "resuming the training data with other settings than the checkpoint's (%s: (then, now)): the order "
-                "differs, so some samples will be repeated or skipped",
-                changed,
-            )
+        warn_of_changed_settings("the training data", state, now, "order")
         finished = state["batches_done"] >= self._epoch_batches()
         sampler.start = 0 if finished else state["batches_done"] * self.batch_size
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lynx_zoo.data.datamodule import LynxDataModule, attached_model
+from lynx_zoo.data.datamodule import LynxDataModule, attached_model, warn_of_changed_settings
 from lynx_zoo.data.feature_cache import FeatureCacheSource
 from lynx_zoo.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from lynx_zoo.data.packing import MediaTokens, PackingCollate
@@ -277,13 +277,7 @@ class MixtureLoader(DataLoader):
         schedule = self.dataset.schedule  # type: ignore[attr-defined]
         now = {"seed": schedule.seed, "batch_size": schedule.batch_size, "world_size": schedule.world_size,
                "num_workers": schedule.workers, "batches_per_epoch": schedule.batches_per_epoch}  # fmt: skip
-        changed = {k: (state[k], v) for k, v in now.items() if k in state and state[k] != v}
-        if changed:
-            log.warning(
-                "resuming the data mixture with other settings than the checkpoint's (%s: (then, now)): the "
-                "schedule differs, so some samples will be repeated or skipped",
-                changed,
-            )
+        warn_of_changed_settings("the data mixture", state, now, "schedule")
         finished = state["batches_done"] >= len(self)
         position = self.datamodule.position
         position.update(trainer_epoch=None, next_start=0 if finished else state["batches_done"])
