@@ -180,7 +180,7 @@ def test_unsupported_inputs_are_named(adapter, docs):
 
 
 def test_registered_with_lmms_eval_when_installed():
-    pytest.importorskip("lmms_eval")
+    pytest.importorskip("lmms_eval", reason="needs the lmms-eval extra: bash .ci/lmms_eval builds that environment")
     from lmms_eval.api.model import lmms
 
     from lynx_zoo.evaluation import lmms_eval_plugin
@@ -251,7 +251,10 @@ def test_batch_size_is_a_positive_number_or_auto(make_tiny):
             LynxHarnessModel(model=model, batch_size=auto)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="batch_size=auto probes GPU memory")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA GPU: batch_size=auto probes GPU memory (its refusal on a CPU is tested above)",
+)
 def test_batch_size_auto_finds_a_batch_that_fits_on_a_gpu(make_tiny, docs):
     harness = LynxHarnessModel(model=make_tiny().cuda(), batch_size="auto", max_batch_size=48)
     assert harness.batch_size == 32 and harness.batch_sizes == {"auto": 32}  # a tiny model: the largest power of 2
