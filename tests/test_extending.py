@@ -85,10 +85,15 @@ def test_closed_gates_equal_the_llm_and_its_flops_are_counted(my_fusion):
 
 
 WORKER = """
-import json, sys
+import atexit, json, os, sys
 from pathlib import Path
 import lightning as L
 import torch
+
+# registered first, so it runs last at exit: by then the zoo has destroyed the gloo group (else gloo can abort)
+atexit.register(lambda: Path({out!r}).with_name(f"exit-rank{{os.environ.get('LOCAL_RANK', '0')}}.json").write_text(
+    json.dumps(torch.distributed.is_initialized())
+))
 from torch.distributed.fsdp import FSDPModule
 sys.path.insert(0, {tests!r})
 from conftest import tiny_configs
@@ -129,3 +134,5 @@ def test_outside_fusion_under_fsdp2_on_two_processes_shards_its_blocks(plugin, t
     assert facts["steps"] == 2
     assert facts["blocks_sharded"] == [True, True] and facts["blocks_are_units"] == [True, True]
     assert facts["flops"] > 0
+    # each process destroyed its process group before the interpreter's finalisation
+    assert [json.loads((tmp_path / f"exit-rank{r}.json").read_text()) for r in (0, 1)] == [False, False]

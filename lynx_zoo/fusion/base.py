@@ -34,7 +34,12 @@ from lynx_zoo.llm.layers import InsertedBlock
 from lynx_zoo.metrics import CategoryAccuracy
 from lynx_zoo.training.callbacks import SkippedSampleReport
 from lynx_zoo.training.checkpoint_io import read_torch_checkpoint
-from lynx_zoo.training.distributed import configure_lynx_model, ddp_anchor, fill_missing_grads
+from lynx_zoo.training.distributed import (
+    configure_lynx_model,
+    ddp_anchor,
+    destroy_process_group_at_exit,
+    fill_missing_grads,
+)
 from lynx_zoo.training.optim import OptimizerConfig, build_optimizer
 from lynx_zoo.vision import VisionConfig, VisionEncoder, resample_vision_pos_embed
 
@@ -367,6 +372,8 @@ class LynxModel(L.LightningModule):
 
     # ----------------------------------------------------------------- set-up, weights, training
     def setup(self, stage: str) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            destroy_process_group_at_exit()  # a multi-process run (DDP, FSDP) must not abort at exit on gloo
         # before Lightning restores a checkpoint of this run (resume), so a resumed run keeps its own weights
         if stage == "fit" and self.init_from:
             self.load_weights(self.init_from)

@@ -13,7 +13,9 @@ Everything here is torch.distributed + Lightning; nothing launches processes or 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -215,6 +217,21 @@ def configure_lynx_model(model: LynxModel) -> None:
         )
     dp_mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
     shard_lynx_model(model, dp_mesh, ours.mp_policy if ours else None, ours.reshard_after_forward if ours else True)
+
+
+@functools.cache
+def destroy_process_group_at_exit() -> None:
+    """Destroy the default process group when the interpreter exits, while the interpreter is still whole.
+
+    A run that leaves its gloo group to interpreter finalisation can abort after it finished (SIGABRT, "terminate
+    called without an active exception"): gloo's threads outlive the objects they hold. Lightning registers this
+    for NCCL only. Registered once per process; a group already destroyed is left alone."""
+
+    def destroy() -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    atexit.register(destroy)
 
 
 def ddp_anchor(loss: torch.Tensor, parameters: list[tuple[str, nn.Parameter]]) -> torch.Tensor:
