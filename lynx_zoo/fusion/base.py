@@ -372,8 +372,7 @@ class LynxModel(L.LightningModule):
 
     # ----------------------------------------------------------------- set-up, weights, training
     def setup(self, stage: str) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            destroy_process_group_at_exit()  # a multi-process run (DDP, FSDP) must not abort at exit on gloo
+        destroy_process_group_at_exit()  # a multi-process run (DDP, FSDP) must not abort at exit on gloo
         # before Lightning restores a checkpoint of this run (resume), so a resumed run keeps its own weights
         if stage == "fit" and self.init_from:
             self.load_weights(self.init_from)

@@ -225,7 +225,8 @@ def destroy_process_group_at_exit() -> None:
 
     A run that leaves its gloo group to interpreter finalisation can abort after it finished (SIGABRT, "terminate
     called without an active exception"): gloo's threads outlive the objects they hold. Lightning registers this
-    for NCCL only. Registered once per process; a group already destroyed is left alone."""
+    for NCCL only. Registered once per process; at exit, a process without a group (one that never had one, or
+    whose group is already destroyed) is left alone."""
 
     def destroy() -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
