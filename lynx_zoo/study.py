@@ -41,6 +41,8 @@ from lynx_zoo.evaluation.judges import ExactMatchJudge
 from lynx_zoo.evaluation.report import StudyRun, write_report
 from lynx_zoo.evaluation.runner import Benchmark, Evaluator, Variant
 from lynx_zoo.resources import shipped
+from lynx_zoo.training import resume
+from lynx_zoo.training.checkpoint_io import read_torch_checkpoint
 
 PROG = "python -m lynx_zoo study"
 
@@ -284,16 +286,16 @@ def _children_cpu_seconds() -> float:
 
 
 def last_checkpoint(folder: Path) -> Path | None:
-    """The newest ``last.ckpt`` of a run folder (each attempt logs to its own ``lightning_logs/version_N``)."""
-    found = sorted(folder.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+    """The newest last checkpoint of a run folder: in its fixed checkpoint folder (``fit`` writes every attempt's
+    there, see :mod:`lynx_zoo.training.resume`)."""
+    return resume.last_checkpoint([Path(resume.run_checkpoint_folder(folder))])
 
 
 def trained_steps(folder: Path) -> int:
     """The optimizer steps of a run's last checkpoint."""
     path = last_checkpoint(folder)
     assert path is not None, folder
-    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    return int(read_torch_checkpoint(path)["global_step"])
 
 
 def text_accuracy(model: Any, manifest: Path) -> dict[str, float]:
