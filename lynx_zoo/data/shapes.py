@@ -45,16 +45,21 @@ VOCABULARY = sorted(
 SPECIAL_TOKENS = (PAD_TOKEN, "<s>", "</s>", "<unk>")
 
 
-@register_tokenizer("lynx_zoo/shapes-words")
-def shapes_tokenizer() -> PreTrainedTokenizerFast:
-    """A lower-casing word-level tokenizer over the shapes vocabulary (ids are stable)."""
-    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *VOCABULARY])}
+def word_level_tokenizer(vocabulary: list[str]) -> PreTrainedTokenizerFast:
+    """A lower-casing word-level tokenizer: the special tokens, then ``vocabulary`` (ids are stable)."""
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *vocabulary])}
     backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token=PAD_TOKEN, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+
+
+@register_tokenizer("lynx_zoo/shapes-words")
+def shapes_tokenizer() -> PreTrainedTokenizerFast:
+    """A lower-casing word-level tokenizer over the shapes vocabulary (ids are stable)."""
+    return word_level_tokenizer(VOCABULARY)
 
 
 def render_scene(rng: random.Random, image_size: int) -> tuple[Image.Image, list[dict]]:

@@ -32,12 +32,10 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tokenizers import Tokenizer, normalizers, pre_tokenizers
-from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
 from lynx_zoo.data.mixture import MixtureDataModule
-from lynx_zoo.data.shapes import COLOURS, NUMBERS, QUADRANTS, SHAPES, SPECIAL_TOKENS
+from lynx_zoo.data.shapes import COLOURS, NUMBERS, QUADRANTS, SHAPES, word_level_tokenizer
 from lynx_zoo.data.sources import ImageTextSource, Source, TextSource
 from lynx_zoo.llm.causal_lm import register_tokenizer
 
@@ -108,13 +106,7 @@ VOCABULARY = sorted(
 @register_tokenizer("lynx_zoo/shapes-study-words")
 def shapes_study_tokenizer() -> PreTrainedTokenizerFast:
     """A lower-casing word-level tokenizer over the study's vocabulary (scenes, captions, every phrasing)."""
-    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *VOCABULARY])}
-    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token=SPECIAL_TOKENS[0], bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
+    return word_level_tokenizer(VOCABULARY)
 
 
 # ----------------------------------------------------------------------------------------------- scenes
