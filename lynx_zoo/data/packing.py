@@ -67,7 +67,10 @@ class PackedRows:
 
 
 def samples_in(batch: dict[str, Any]) -> int:
-    """Samples in a collated batch (a packed row holds several)."""
+    """Samples in a collated batch (a packed row holds several: the count :class:`PackingCollate` recorded, read
+    without a device sync)."""
+    if batch.get("num_samples") is not None:
+        return int(batch["num_samples"])
     packed = PackedRows.of(batch)
     return packed.num_samples if packed is not None else int(batch["input_ids"].shape[0])
 
