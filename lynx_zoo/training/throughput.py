@@ -139,7 +139,8 @@ def text_lengths_of(batch: dict[str, Any], model: LynxModel) -> list[int]:
     packed = PackedRows.of(batch)
     if packed is None:
         return batch["attention_mask"].sum(1).tolist()
-    media = model.media_tokens_in_sequence(images_per_sample_of(batch)) if _has_media(batch) else 0
+    frames = images_per_sample_of(batch)
+    media = model.media_tokens_in_sequence(frames) if frames else 0
     segments = packed.segment_ids
     counts = torch.stack([(segments == k).sum(1) for k in range(1, int(segments.max()) + 1)], 1)
     return [int(c) - media for c in counts.flatten() if c > 0]
@@ -148,10 +149,6 @@ def text_lengths_of(batch: dict[str, Any], model: LynxModel) -> list[int]:
 def target_tokens_of(batch: dict[str, Any]) -> int:
     """Positions of a batch with a target (those the answer-only loss runs the LM head on)."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-def _has_media(batch: dict[str, Any]) -> bool:
-    return batch.get("images") is not None or batch.get("vision_tokens") is not None
 
 
 def images_per_sample_of(batch: dict[str, Any]) -> int:
