@@ -239,9 +239,10 @@ class FeatureCacheSource(Source):
     def chunk_sizes(self) -> list[int]:
         return [int(shard["samples"]) for shard in self.index.get("shards", [])]
 
-    def check_tower(self, tower: VisionEncoder) -> None:
+    def check_tower(self, tower: VisionEncoder, description: dict[str, Any] | None = None) -> None:
         """Raise a :class:`DataError` unless ``tower`` is the frozen tower that made the cache, and trains on the
-        transform the cache used (no random crop)."""
+        transform the cache used (no random crop). ``description``: the tower's :func:`tower_description`, when the
+        caller has it already (it hashes every weight)."""
         self._read_index()
         if tower.config.trainable:
             raise DataError(f"{self.path}: a feature cache needs a frozen tower, but vision.trainable is true")
@@ -251,7 +252,7 @@ class FeatureCacheSource(Source):
                 "tokens of centre crops; set vision.train_crop: false, or train on the images"
             )
         cached = self.index["tower"]
-        now = tower_description(tower)
+        now = description or tower_description(tower)
         for field in TOWER_FIELDS:
             if cached["config"].get(field) != now["config"][field]:
                 raise DataError(

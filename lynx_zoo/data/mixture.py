@@ -27,7 +27,7 @@ import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lynx_zoo.data.datamodule import LynxDataModule, attached_model, warn_of_changed_settings
-from lynx_zoo.data.feature_cache import FeatureCacheSource
+from lynx_zoo.data.feature_cache import FeatureCacheSource, tower_description
 from lynx_zoo.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from lynx_zoo.data.packing import MediaTokens, PackingCollate
 from lynx_zoo.data.processor import LynxProcessor, Sample, Skipped
@@ -353,9 +353,11 @@ class MixtureDataModule(LynxDataModule):
             self.processor, self.num_frames = model.processor, model.vision_config.num_frames
             self.media_tokens = model.media_tokens_in_sequence
         model = self.trainer.lightning_module if self.trainer is not None else None
-        for source in [*self.sources, *self.val_sources]:
-            if isinstance(source, FeatureCacheSource) and model is not None:
-                source.check_tower(model.vision)  # the model's own frozen tower made it
+        caches = [s for s in [*self.sources, *self.val_sources] if isinstance(s, FeatureCacheSource)]
+        if caches and model is not None:
+            tower = tower_description(model.vision)  # hashes the tower's weights: once for all caches
+            for source in caches:
+                source.check_tower(model.vision, tower)  # the model's own frozen tower made it
         transform, frames = self.processor.image_transform, self.num_frames
         train_transform = self.processor.train_image_transform
         cap = self.max_image_pixels
