@@ -41,7 +41,7 @@ from scale_common import llama_tokenizer_dir, report
 from train_throughput import make_samples
 
 from lynx_zoo.cli import LynxCLI
-from lynx_zoo.data.packing import PackingCollate
+from lynx_zoo.data.packing import PackingCollate, samples_in
 from lynx_zoo.fusion.base import model_inputs
 from lynx_zoo.training.distributed import apply_activation_checkpointing
 from lynx_zoo.training.optim import build_optimizer
@@ -123,7 +123,7 @@ def measure(variant: str, path: str, checkpointing: bool, args: argparse.Namespa
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     step = statistics.median(times[args.warmup :])
-    samples = int(batch.get("num_samples", batch["input_ids"].shape[0]))
+    samples = samples_in(batch)
     mask = batch["attention_mask"]
     row = {
         "variant": variant,
@@ -133,7 +133,7 @@ def measure(variant: str, path: str, checkpointing: bool, args: argparse.Namespa
         "rows_x_length": f"{mask.shape[0]}x{mask.shape[1]}",
         "step_s": step,
         "samples_per_s": samples / step,
-        "target_tokens_per_s": int((batch["labels"][:, 1:] != -100).sum()) / step,
+        "target_tokens_per_s": target_tokens_of(batch) / step,
         "model_TFLOP_per_step": flops / 1e12,
         "mfu": flops / step / (args.peak_tflops * 1e12),
         "peak_mem_GB": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,

@@ -66,11 +66,12 @@ from torch.utils.data import DataLoader
 
 from lynx_zoo import BridgeConfig, OptimizerConfig
 from lynx_zoo.data import IGNORE_INDEX, Sample
-from lynx_zoo.data.packing import PackingCollate
+from lynx_zoo.data.packing import PackingCollate, samples_in
 from lynx_zoo.data.sampler import ModalityLengthGroupedSampler
 from lynx_zoo.fusion.base import model_inputs
 from lynx_zoo.training import compile_regions
 from lynx_zoo.training.optim import build_optimizer
+from lynx_zoo.training.throughput import target_tokens_of
 
 HF = "hf_llava"
 LIGHTNING_ARM = "lynx_resampler_packed"
@@ -249,14 +250,17 @@ def bare_loop(arm: Arm, steps: int) -> Callable[[list[Sample]], dict[str, Any]]:
 def batch_facts(batch: dict[str, Any], visual_in_sequence: int) -> dict[str, int]:
     """Samples, target tokens, LLM input tokens and padded tokens of a collated batch."""
     mask = batch["attention_mask"]
-    samples = batch.get("num_samples", mask.shape[0])
     if "segment_ids" in batch:  # packed: the visual slots are in the rows already
         llm_tokens, padded = mask.numel(), int(batch["padded_tokens"])
     else:  # padded: a PT model puts `visual_in_sequence` tokens before each image sample's text
         visual = visual_in_sequence if batch.get("images") is not None else 0
         llm_tokens, padded = mask.shape[0] * (mask.shape[1] + visual), int((mask == 0).sum())
-    targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    return {"samples": int(samples), "targets": targets, "llm_tokens": llm_tokens, "padded": padded}
+    return {
+        "samples": samples_in(batch),
+        "targets": target_tokens_of(batch),
+        "llm_tokens": llm_tokens,
+        "padded": padded,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- timing
