@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from lynx_zoo.data.images import pil_limit_at_least
 from lynx_zoo.data.video import VideoError, read_video_frames
 from lynx_zoo.serving.protocol import MediaRef, RequestError
 from lynx_zoo.serving.settings import ServeSettings
@@ -161,10 +162,10 @@ def fetch_payload(ref: MediaRef, policy: MediaPolicy) -> Payload:
 def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
     """An RGB image from PNG/JPEG/WebP bytes, its size checked before its pixels are decoded."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with warnings.catch_warnings(), pil_limit_at_least(max_pixels):
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the cap below decides
             image = Image.open(BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+    except Image.DecompressionBombError as err:  # over twice PIL's limit, which is at least the cap
         raise RequestError(
             param, f"the image is over the pixel cap of {max_pixels} (--max-image-pixels): {err}"
         ) from err
