@@ -44,7 +44,6 @@ class Finished:
     text: str
     finish_reason: str
     completion_tokens: int
-    prompt_tokens: int
 
 
 @dataclass
@@ -306,7 +305,7 @@ class Engine:
             job.emit(Delta(index, text[len(choice.sent) :]))
             choice.sent = text
         choice.finished = True
-        job.emit(Finished(index, text, reason, len(ids), job.prompt_tokens))
+        job.emit(Finished(index, text, reason, len(ids)))
 
 
 class BatchProgress(StoppingCriteria):
