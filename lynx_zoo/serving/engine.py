@@ -112,14 +112,16 @@ class EngineStats:
     batches: int = 0
     failed_batches: int = 0
     dropped_sequences: int = 0  # stopped early because their client went away
-    largest_batch: int = 0
     batch_sizes: Counter = field(default_factory=Counter)
     batch_seconds: float = 0.0  # moving average of one batch's wall time
+
+    @property
+    def largest_batch(self) -> int:
+        return max(self.batch_sizes, default=0)
 
     def record(self, size: int, seconds: float) -> None:
         self.requests += size
         self.batches += 1
-        self.largest_batch = max(self.largest_batch, size)
         self.batch_sizes[size] += 1
         self.batch_seconds = seconds if self.batches == 1 else 0.8 * self.batch_seconds + 0.2 * seconds
 
