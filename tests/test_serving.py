@@ -355,6 +355,27 @@ def test_the_openai_client_raises_on_a_bad_request(tiny_server):
         client(tiny_server).chat.completions.create(model="", messages=[{"role": "robot", "content": "hi"}])
 
 
+def test_image_pixel_cap_above_pils_own_limit():
+    """The cap alone decides: PIL warns above its own limit (about 89.5 million pixels), a larger cap still lets
+    an image under it through; over twice that limit PIL refuses by itself, reported as over the cap."""
+    from lynx_zoo.serving.media import decode_image
+    from lynx_zoo.serving.protocol import RequestError
+
+    def png(width: int, height: int) -> bytes:
+        out = io.BytesIO()
+        Image.new("1", (width, height)).save(out, format="PNG")  # 1 bit a pixel: cheap to build and to send
+        return out.getvalue()
+
+    data = png(10000, 9000)
+    image = decode_image(data, "image", max_pixels=100_000_000)
+    assert image.mode == "RGB" and image.size == (10000, 9000)
+    del image
+    with pytest.raises(RequestError, match="10000x9000 = 90000000 pixels, over the cap of 89000000"):
+        decode_image(data, "image", max_pixels=89_000_000)
+    with pytest.raises(RequestError, match="over the pixel cap of 100000000"):
+        decode_image(png(15000, 12000), "image", max_pixels=100_000_000)
+
+
 # ---------------------------------------------------------------------------------------------- the page
 def test_chat_page_and_its_assets(tiny_server):
     status, headers, page = get(tiny_server.url, "/")

@@ -25,7 +25,7 @@ _PIL_LIMIT_LOCK = threading.Lock()
 
 
 @contextmanager
-def _pil_limit_at_least(max_pixels: int | None) -> Iterator[None]:
+def pil_limit_at_least(max_pixels: int | None) -> Iterator[None]:
     """PIL refuses images over twice ``Image.MAX_IMAGE_PIXELS`` by itself; a larger cap lifts that (process-wide,
     under a lock, for this decode only)."""
     limit = Image.MAX_IMAGE_PIXELS
@@ -66,7 +66,7 @@ def open_rgb(
         raise TypeError("open_rgb: give a path or data")
     where = where or str(path)
     try:
-        with warnings.catch_warnings(), _pil_limit_at_least(max_pixels):
+        with warnings.catch_warnings(), pil_limit_at_least(max_pixels):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the cap below decides
             with Image.open(io.BytesIO(data) if data is not None else path) as image:
                 check_image_size(image.width, image.height, where, max_pixels)

@@ -25,6 +25,7 @@ from lynx_zoo.serving.protocol import (
     chunk_body,
     completion_body,
     completion_id,
+    error_body,
     generation_for,
     parse_chat_request,
     usage,
@@ -52,8 +53,7 @@ async def read_json(request: Request, max_bytes: int) -> Any:
 
 
 def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(message, kind), status_code=status, headers=headers)
 
 
 async def _events(job: Job) -> AsyncIterator[Delta | Finished | Failed]:
@@ -95,7 +95,7 @@ async def _stream(job: Job, request_id: str, model: str) -> AsyncIterator[str]:
     completion_tokens = 0
     async for event in _events(job):
         if isinstance(event, Failed):
-            yield _sse({"error": {"message": event.message, "type": "server_error", "param": None, "code": None}})
+            yield _sse(error_body(event.message, "server_error"))
             return
         if isinstance(event, Delta):
             yield _sse(chunk_body(request_id, model, event.index, {"content": event.text}))

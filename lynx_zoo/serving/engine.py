@@ -44,7 +44,6 @@ class Finished:
     text: str
     finish_reason: str
     completion_tokens: int
-    prompt_tokens: int
 
 
 @dataclass
@@ -85,9 +84,15 @@ class Job:
     cancelled: bool = False
     prompt_tokens: int = 0
     choices: list[ChoiceState] = field(default_factory=list)
+    batch_key: tuple = field(init=False)  # requests with equal keys can share a batch
 
     def __post_init__(self) -> None:
         self.choices = [ChoiceState() for _ in range(self.request.n)]
+        # once per request, not at every wake-up of the engine: its settings do not change
+        settings = dict(self.settings)
+        if int(settings.get("num_beams", 1)) == 1:
+            settings.pop("max_new_tokens")  # each sequence keeps its own budget
+        self.batch_key = self.request.kind, self.request.n, tuple(sorted((k, repr(v)) for k, v in settings.items()))
 
     @property
     def budget(self) -> int:
@@ -96,13 +101,6 @@ class Job:
     def emit(self, event: Event) -> None:
         """Hand an event to the request's handler (thread-safe)."""
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-
-    def batch_key(self) -> tuple:
-        """Requests with equal keys can share a batch."""
-        settings = dict(self.settings)
-        if int(settings.get("num_beams", 1)) == 1:
-            settings.pop("max_new_tokens")  # each sequence keeps its own budget
-        return self.request.kind, self.request.n, tuple(sorted((k, repr(v)) for k, v in settings.items()))
 
 
 @dataclass
@@ -113,14 +111,16 @@ class EngineStats:
     batches: int = 0
     failed_batches: int = 0
     dropped_sequences: int = 0  # stopped early because their client went away
-    largest_batch: int = 0
     batch_sizes: Counter = field(default_factory=Counter)
     batch_seconds: float = 0.0  # moving average of one batch's wall time
+
+    @property
+    def largest_batch(self) -> int:
+        return max(self.batch_sizes, default=0)
 
     def record(self, size: int, seconds: float) -> None:
         self.requests += size
         self.batches += 1
-        self.largest_batch = max(self.largest_batch, size)
         self.batch_sizes[size] += 1
         self.batch_seconds = seconds if self.batches == 1 else 0.8 * self.batch_seconds + 0.2 * seconds
 
@@ -214,26 +214,26 @@ class Engine:
             # the engine became free: the clients of the batch that just ended are about to send their next requests
             deadline = max(head.enqueued, self._free_since) + self.max_wait_s
             while True:
-                batch = self._compatible_with(head)
+                batch, rows = self._compatible_with(head)
                 remaining = deadline - time.monotonic()
-                if sum(j.request.n for j in batch) >= self._expected_rows or remaining <= 0 or self._closed:
+                if rows >= self._expected_rows or remaining <= 0 or self._closed:
                     break
                 self._cond.wait(remaining)
             for job in batch:
                 self._pending.remove(job)
-            self._expected_rows = min(self.max_batch_size, sum(j.request.n for j in batch))
+            self._expected_rows = min(self.max_batch_size, rows)
             return batch
 
-    def _compatible_with(self, head: Job) -> list[Job]:
-        """``head`` and the queued requests that can join its batch, oldest first."""
-        key, batch, rows = head.batch_key(), [head], head.request.n
+    def _compatible_with(self, head: Job) -> tuple[list[Job], int]:
+        """``head`` and the queued requests that can join its batch, oldest first, and their sequences."""
+        batch, rows = [head], head.request.n
         for job in list(self._pending)[1:]:
             if rows >= self.max_batch_size:
                 break
-            if not job.cancelled and rows + job.request.n <= self.max_batch_size and job.batch_key() == key:
+            if not job.cancelled and rows + job.request.n <= self.max_batch_size and job.batch_key == head.batch_key:
                 batch.append(job)
                 rows += job.request.n
-        return batch
+        return batch, rows
 
     def _run_isolated(self, jobs: list[Job]) -> None:
         """Run a batch; if it fails, run its requests one by one so that only the one at fault fails."""
@@ -306,7 +306,7 @@ class Engine:
             job.emit(Delta(index, text[len(choice.sent) :]))
             choice.sent = text
         choice.finished = True
-        job.emit(Finished(index, text, reason, len(ids), job.prompt_tokens))
+        job.emit(Finished(index, text, reason, len(ids)))
 
 
 class BatchProgress(StoppingCriteria):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -22,23 +21,13 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from lynx_zoo.data.images import pil_limit_at_least
 from lynx_zoo.data.video import VideoError, read_video_frames
 from lynx_zoo.serving.protocol import MediaRef, RequestError
 from lynx_zoo.serving.settings import ServeSettings
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 IMAGE_MIME_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp"}
-# file suffixes of video MIME types, so that PyAV can tell the container (anything else is sniffed)
-VIDEO_SUFFIXES = {
-    "video/mp4": ".mp4",
-    "video/webm": ".webm",
-    "video/x-matroska": ".mkv",
-    "video/quicktime": ".mov",
-    "video/mpeg": ".mpg",
-    "video/mp2t": ".ts",
-    "video/x-msvideo": ".avi",
-    "video/ogg": ".ogv",
-}
 
 Transform = Callable[[Image.Image], torch.Tensor]
 # a data-URL image up to this long decodes in well under a millisecond: cheaper on the event loop than a hop
@@ -83,13 +72,12 @@ class MediaPolicy:
 
 @dataclass
 class Payload:
-    """The bytes of a medium, or the file that holds them; the MIME type a data URL declared; the medium's name
-    in messages to the client (never the server's own paths)."""
+    """The bytes of a medium, or the file that holds them; the medium's name in messages to the client (never the
+    server's own paths)."""
 
     name: str
     data: bytes | None = None
     path: Path | None = None
-    mime: str | None = None
 
 
 def _over_cap(ref: MediaRef, size: int, policy: MediaPolicy) -> RequestError:
@@ -119,7 +107,7 @@ def _data_url(ref: MediaRef, policy: MediaPolicy) -> Payload:
         raise RequestError(ref.param, f"invalid base64 in the data URL ({err})") from err
     if len(data) > cap:
         raise _over_cap(ref, len(data), policy)
-    return Payload(f"the uploaded {ref.kind}", data=data, mime=mime)
+    return Payload(f"the uploaded {ref.kind}", data=data)
 
 
 def _local_file(ref: MediaRef, location: str, policy: MediaPolicy) -> Payload:
@@ -174,10 +162,10 @@ def fetch_payload(ref: MediaRef, policy: MediaPolicy) -> Payload:
 def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
     """An RGB image from PNG/JPEG/WebP bytes, its size checked before its pixels are decoded."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with warnings.catch_warnings(), pil_limit_at_least(max_pixels):
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the cap below decides
             image = Image.open(BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+    except Image.DecompressionBombError as err:  # over twice PIL's limit, which is at least the cap
         raise RequestError(
             param, f"the image is over the pixel cap of {max_pixels} (--max-image-pixels): {err}"
         ) from err
@@ -201,19 +189,12 @@ def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
 def _video_frames(payload: Payload, ref: MediaRef, num_frames: int) -> list[Image.Image]:
     if num_frames < 1:
         raise RequestError(ref.param, "this model takes no videos (its vision.num_frames is 0)")
-    if payload.path is not None:
-        try:
-            return read_video_frames(payload.path, num_frames)
-        except VideoError as err:
-            raise RequestError(ref.param, str(err).replace(str(payload.path), payload.name)) from err
-    suffix = VIDEO_SUFFIXES.get(payload.mime or "", ".video")
-    with tempfile.NamedTemporaryFile(suffix=suffix) as handle:
-        handle.write(payload.data or b"")
-        handle.flush()
-        try:
-            return read_video_frames(handle.name, num_frames)
-        except VideoError as err:
-            raise RequestError(ref.param, str(err).replace(handle.name, payload.name)) from err
+    # bytes are decoded in memory, named in errors by the payload's name (a Path of it would fold a URL's "//")
+    source = payload.path if payload.path is not None else Path(payload.name)
+    try:
+        return read_video_frames(source, num_frames, data=payload.data)
+    except VideoError as err:
+        raise RequestError(ref.param, str(err).replace(str(source), payload.name)) from err
 
 
 def load_media(ref: MediaRef, policy: MediaPolicy, transform: Transform) -> torch.Tensor:

@@ -35,6 +35,11 @@ SUPPORTED_FIELDS = {
 }
 
 
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object: ``kind`` is its ``type`` (``invalid_request_error``, ``server_error``, ...)."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
 class RequestError(Exception):
     """A request the server refuses: ``status`` (400 unless said), the field at fault and what is wrong."""
 
@@ -45,7 +50,7 @@ class RequestError(Exception):
 
     def body(self) -> dict[str, Any]:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        return error_body(self.message, kind, self.param, self.code)
 
 
 @dataclass

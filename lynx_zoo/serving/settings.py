@@ -92,14 +92,11 @@ class ServeSettings:
         return math.ceil(max(self.max_image_bytes, self.max_video_bytes) * 4 / 3) + MiB
 
 
-def _flag_type(annotation: Any) -> tuple[type, bool]:
-    """The parser type of a field annotation and whether it may be left unset (``X | None``)."""
-    hint = annotation
-    optional = False
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        optional, hint = len(args) < len(typing.get_args(hint)), args[0]
-    return hint, optional
+def _flag_type(annotation: Any) -> type:
+    """The parser type of a field annotation (``X`` of ``X | None``)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
 
 
 def settings_parser(prog: str = "python -m lynx_zoo serve") -> argparse.ArgumentParser:
@@ -108,7 +105,7 @@ def settings_parser(prog: str = "python -m lynx_zoo serve") -> argparse.Argument
     hints = typing.get_type_hints(ServeSettings)
     for spec in dataclasses.fields(ServeSettings):
         flag = "--" + spec.name.replace("_", "-")
-        hint, _ = _flag_type(hints[spec.name])
+        hint = _flag_type(hints[spec.name])
         if hint is bool:
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=spec.default, help=spec.metadata["help"]
