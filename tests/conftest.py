@@ -16,7 +16,16 @@ import lightning
 import pytest
 import torch
 
-from lynx_zoo import AdapterConfig, BridgeConfig, LLMConfig, OptimizerConfig, PrefixLynx, PromptConfig, VisionConfig
+from lynx_zoo import (
+    AdapterConfig,
+    BridgeConfig,
+    CrossAttnConfig,
+    LLMConfig,
+    OptimizerConfig,
+    PrefixLynx,
+    PromptConfig,
+    VisionConfig,
+)
 from lynx_zoo.data.shapes import write_shapes_vqa
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +62,18 @@ def tiny_configs(**overrides) -> dict:
             value = dataclasses.replace(configs[key], **value)
         configs[key] = value
     return configs
+
+
+# cross-attention blocks for the tiny LLM (width 32): every 2nd layer from layer 1
+TINY_CROSS_ATTN = CrossAttnConfig(every=2, start=1, num_heads=2, head_dim=8, ff_mult=2)
+
+
+def open_gates(model, attn: float, ff: float | None = None) -> None:
+    """Open a CA model's gates (closed at initialisation), so that the media change its outputs."""
+    for block in model.fusion_blocks().values():
+        block.attn_gate.data.fill_(attn)
+        if ff is not None:
+            block.ff_gate.data.fill_(ff)
 
 
 def tiny_checkpoint(path: Path, seed: int, class_path: str | None) -> Path:

@@ -5,23 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_CROSS_ATTN, open_gates
 
-from lynx_zoo import CrossAttnConfig, CrossAttnLynx, PrefixLynx
+from lynx_zoo import CrossAttnLynx, PrefixLynx
 from lynx_zoo.data import Sample
 from lynx_zoo.fusion.base import model_inputs
 
-CA = {"cross_attn": CrossAttnConfig(every=2, start=1, num_heads=2, head_dim=8, ff_mult=2)}
+CA = {"cross_attn": TINY_CROSS_ATTN}
 QA = [
     ("what color is the circle?", "red"),
     ("how many shapes are there in the picture?", "three small shapes and a big one"),
     ("is it big?", "no"),
 ]
-
-
-def open_gates(model):
-    for block in model.fusion_blocks().values():
-        block.attn_gate.data.fill_(0.7)
-        block.ff_gate.data.fill_(0.4)
 
 
 def labelled_batch(model, video: bool = False):
@@ -41,7 +36,7 @@ def grads(model) -> dict[str, torch.Tensor]:
 def test_loss_and_gradients_equal_the_full_logits_path(make_tiny, one_thread, cls, video):
     model = make_tiny(cls, llm={"trainable": True}, **(CA if cls is CrossAttnLynx else {}))
     if cls is CrossAttnLynx:
-        open_gates(model)
+        open_gates(model, 0.7, 0.4)
     batch = model_inputs(labelled_batch(model, video))
     full = model(**batch, return_logits=True)
     full.loss.backward()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import open_gates
 
 from lynx_zoo import CrossAttnConfig, CrossAttnLynx, PrefixLynx
 
@@ -31,12 +32,6 @@ def batched(model, media: torch.Tensor | None, kind: str, size: int) -> list[str
     return answers
 
 
-def open_gates(model) -> None:
-    for block in model.fusion_blocks().values():
-        block.attn_gate.data.fill_(1.0)
-        block.ff_gate.data.fill_(1.0)
-
-
 @pytest.fixture(params=["PT", "CA"])
 def model(request, make_tiny):
     if request.param == "PT":
@@ -46,7 +41,7 @@ def model(request, make_tiny):
         adapters={"every": None},
         cross_attn=CrossAttnConfig(every=2, start=1, num_heads=2, head_dim=8, ff_mult=2),
     )
-    open_gates(model)  # closed gates would make the images irrelevant
+    open_gates(model, 1.0, 1.0)  # closed gates would make the images irrelevant
     return model.eval()
 
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_CROSS_ATTN, open_gates
 from run_helpers import trainer
 
-from lynx_zoo import CrossAttnConfig, CrossAttnLynx, PrefixLynx, ShapesVQADataModule
+from lynx_zoo import CrossAttnLynx, PrefixLynx, ShapesVQADataModule
 from lynx_zoo.data import Sample
 from lynx_zoo.data.packing import PackingCollate
 from lynx_zoo.fusion.base import model_inputs
 from lynx_zoo.training import CompileRegions, compile_regions
 
-CA = {"cross_attn": CrossAttnConfig(every=2, start=1, num_heads=2, head_dim=8, ff_mult=2)}
+CA = {"cross_attn": TINY_CROSS_ATTN}
 QA = [("what color is the circle?", "red"), ("how many shapes are there?", "three"), ("is it big?", "no, small")]
 
 
@@ -28,8 +29,7 @@ def step(model, batch):
 def test_compiled_blocks_give_the_eager_loss_and_gradients(make_tiny, one_thread, cls):
     torch._dynamo.reset()
     model = make_tiny(cls, **(CA if cls is CrossAttnLynx else {}))
-    for block in model.fusion_blocks().values():
-        block.attn_gate.data.fill_(0.7)
+    open_gates(model, 0.7)
     g = torch.Generator().manual_seed(0)
     samples = [Sample(q, a, image=torch.randn(3, 32, 32, generator=g)) for q, a in QA]
     batches = [model.processor(samples), PackingCollate(model.processor, 64, model.media_tokens_in_sequence)(samples)]

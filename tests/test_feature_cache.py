@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import tiny_configs
+from conftest import TINY_CROSS_ATTN, open_gates, tiny_configs
 from media import save_photos, write_clip, write_jsonl
 from run_helpers import Recorder, trainer
 from safetensors.torch import save_file
 
-from lynx_zoo import CrossAttnConfig, CrossAttnLynx, PrefixLynx
+from lynx_zoo import CrossAttnLynx, PrefixLynx
 from lynx_zoo.cli import main
 from lynx_zoo.data import (
     DataError,
@@ -88,15 +88,10 @@ def test_the_command_writes_shards_with_an_index_and_counts_skips(tower_config, 
 @pytest.mark.parametrize("kind", ["image_text", "video_qa"])
 def test_training_on_the_cache_gives_the_loss_of_the_images(tower_config, media, tmp_path, one_thread, cls, kind):
     config, configs = tower_config
-    extra = (
-        {"cross_attn": CrossAttnConfig(every=2, start=1, num_heads=2, head_dim=8, ff_mult=2)}
-        if cls is CrossAttnLynx
-        else {}
-    )
+    extra = {"cross_attn": TINY_CROSS_ATTN} if cls is CrossAttnLynx else {}
     torch.manual_seed(0)
     model = cls(**configs, **extra)
-    for block in model.fusion_blocks().values():
-        block.attn_gate.data.fill_(0.7)
+    open_gates(model, 0.7)
     manifest = media / ("images.jsonl" if kind == "image_text" else "clips.jsonl")
     cached = FeatureCacheSource(str(cache(tmp_path, config, kind, manifest)))
     direct = (ImageTextSource if kind == "image_text" else VideoQASource)(str(manifest), task="vqa")

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_CROSS_ATTN, open_gates
 from media import save_photos, write_jsonl
 from run_helpers import Recorder, trainer
 
-from lynx_zoo import CrossAttnConfig, CrossAttnLynx, PrefixLynx
+from lynx_zoo import CrossAttnLynx, PrefixLynx
 from lynx_zoo.data import IGNORE_INDEX, ImageTextSource, MixtureDataModule, Sample, TextSource
 from lynx_zoo.data.packing import PackedRows, PackingCollate, assign_rows
 from lynx_zoo.fusion.base import model_inputs
 
-CA = {"cross_attn": CrossAttnConfig(every=2, start=1, num_heads=2, head_dim=8, ff_mult=2)}
+CA = {"cross_attn": TINY_CROSS_ATTN}
 QA = [
     ("what color is the circle?", "red"),
     ("how many shapes are there in the picture?", "three small shapes and a big one"),
@@ -35,9 +36,7 @@ def samples(video: bool = False, text_only: bool = False) -> list[Sample]:
 
 def build(make_tiny, cls):
     model = make_tiny(cls, llm={"trainable": True}, **(CA if cls is CrossAttnLynx else {}))
-    for block in model.fusion_blocks().values():  # CA: open gates, so the media matter
-        block.attn_gate.data.fill_(0.7)
-        block.ff_gate.data.fill_(0.4)
+    open_gates(model, 0.7, 0.4)  # CA: open gates, so the media matter
     return model
 
 
