@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import io
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -27,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from PIL import Image, UnidentifiedImageError
 
+from lynx_zoo.data.images import open_rgb
 from lynx_zoo.data.manifest import read_manifest
 from lynx_zoo.evaluation.mme import load_mme
 
@@ -48,15 +47,17 @@ def _datasets() -> Any:
 
 
 def _image_bytes(path: Path) -> bytes | None:
-    """The file's bytes if it holds a readable image, else ``None`` (logged)."""
+    """The file's bytes if it holds a usable image, else ``None`` (logged).
+
+    The image is checked with :func:`~lynx_zoo.data.images.open_rgb`, as ``evaluate`` opens it, so a task skips
+    exactly the images ``evaluate`` skips: unreadable, not an image, truncated, degenerate or over the pixel cap.
+    """
     try:
-        data = path.read_bytes()
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        log.warning("skipping %s: not a readable image (%s)", path, err)
+        open_rgb(path)
+        return path.read_bytes()
+    except OSError as err:  # a MediaError (an OSError) names the file and says what is wrong with it
+        log.warning("skipping %s", err)
         return None
-    return data
 
 
 def _save(rows: dict[str, list[Any]], columns: dict[str, Any], folder: Path) -> None:
