@@ -30,6 +30,7 @@ import yaml
 from lynx_zoo.data.images import open_rgb
 from lynx_zoo.data.manifest import read_manifest
 from lynx_zoo.evaluation.mme import load_mme
+from lynx_zoo.evaluation.runner import split_spec
 
 log = logging.getLogger(__name__)
 
@@ -231,11 +232,12 @@ def write_mme_task(root: str | Path, out: str | Path, name: str = "mme_local", l
 
 
 def _named(spec: str, kind: str) -> tuple[str, Path]:
-    name, sep, path = spec.partition("=")
-    if not sep:
-        path = spec
-        name = f"{Path(spec).stem}_{kind}" if kind != "mme" else "mme_local"
-    return name, Path(path)
+    """``NAME=PATH`` or ``PATH`` (read as ``evaluate`` reads them: :func:`~lynx_zoo.evaluation.runner.split_spec`),
+    named ``<file stem>_<kind>`` (MME: ``mme_local``) when no name is given."""
+    name, path = split_spec(spec)
+    if name is None:
+        name = f"{path.stem}_{kind}" if kind != "mme" else "mme_local"
+    return name, path
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
