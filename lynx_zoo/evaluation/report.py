@@ -239,19 +239,20 @@ class Table:
 
 
 def _chance_from_predictions(result: Result) -> dict[str, float]:
-    """Chance levels from a results file's predictions beside it (files written before ``chance`` was recorded)."""
+    """Chance levels from a results file's predictions beside it (files written before ``chance`` was recorded),
+    worked out as ``evaluate`` records them (:func:`~lynx_zoo.evaluation.runner.chance_levels`: answers compared
+    after :func:`~lynx_zoo.data.answers.normalize_answer`)."""
+    from lynx_zoo.evaluation.runner import chance_levels  # here: runner imports this module
+
     predictions = result.path.parent / str(result.data.get("predictions") or "")
     if not predictions.is_file():
         return {}
-    answers: dict[str, dict[str, int]] = {}
+    records = []
     for line in predictions.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         if "gt" in row and "category" in row:
-            counts = answers.setdefault(row["category"], {})
-            counts[str(row["gt"]).strip().lower()] = counts.get(str(row["gt"]).strip().lower(), 0) + 1
-    rates = {c: max(n.values()) / sum(n.values()) for c, n in answers.items()}
-    total = sum(sum(n.values()) for n in answers.values())
-    return {"overall": sum(max(n.values()) for n in answers.values()) / total, **rates} if total else {}
+            records.append({"category": row["category"], "answer": str(row["gt"])})
+    return chance_levels(records) if records else {}
 
 
 # ----------------------------------------------------------------------------------------------- the paper
