@@ -1,4 +1,5 @@
-"""Helpers of the evaluation tests: a real OpenAI-compatible judge server on loopback, and an MME folder."""
+"""Helpers of the evaluation tests: a real OpenAI-compatible judge server on loopback, an MME folder, and a model's
+log-probability of an answer."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import torch
 from PIL import Image
+
+from lynx_zoo.data import IGNORE_INDEX, Sample
 
 SECRET = "sk-test-7f3a9c-never-written-anywhere"
 PROMPT = re.compile(
@@ -94,6 +98,19 @@ class ChatServer:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=5)
+
+
+def log_prob(model, question: str, image: Image.Image, continuation: str) -> float:
+    """log p(continuation | question, image), from the model's own loss over exactly the continuation's tokens (its
+    mean loss over them times their number; independent of the lmms-eval adapter)."""
+    prompt = model.processor.encode(Sample(question), with_answer=False)[0]
+    answer = model.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt + answer])
+    labels = torch.tensor([[IGNORE_INDEX] * len(prompt) + answer])
+    pixels = model.processor.image_transform(image.convert("RGB"))[None]
+    with torch.no_grad():
+        loss = model(ids, torch.ones_like(ids), pixels, labels).loss
+    return -loss.item() * len(answer)
 
 
 def write_image(path: Path) -> None:

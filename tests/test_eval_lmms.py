@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_checkpoint
+from eval_fixtures import log_prob
 from PIL import Image
 
 from lynx_zoo import load_model
 from lynx_zoo.cli import main
-from lynx_zoo.data import IGNORE_INDEX, Sample
+from lynx_zoo.data import Sample
 from lynx_zoo.evaluation.lmms_eval_plugin import LynxHarnessModel
 from lynx_zoo.hub import export_variant, register_local
 
@@ -98,14 +99,7 @@ def test_loglikelihood_is_the_continuations_negative_log_likelihood(adapter, doc
     )
     assert score == target_score
     # independently: the model's mean loss over exactly the continuation tokens, times their number
-    prompt_ids = model.processor.encode(Sample(docs[0]["question"]), with_answer=False)[0]
-    answer_ids = model.tokenizer(continuation, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([prompt_ids + answer_ids])
-    labels = torch.tensor([[IGNORE_INDEX] * len(prompt_ids) + answer_ids])
-    image = model.processor.image_transform(docs[0]["image"])[None]
-    with torch.no_grad():
-        loss = model(ids, torch.ones_like(ids), image, labels).loss
-    assert score == pytest.approx(loss.item() * len(answer_ids), rel=1e-4)
+    assert score == pytest.approx(-log_prob(model, docs[0]["question"], docs[0]["image"], continuation), rel=1e-4)
     assert score > 0 and isinstance(greedy, bool)
 
 
@@ -188,17 +182,6 @@ def test_registered_with_lmms_eval_when_installed():
     assert issubclass(lmms_eval_plugin.LynxLMMS, lmms)
     manifest = lmms_eval_plugin.lmms_eval_manifest()
     assert manifest.model_id == "lynx_zoo" and manifest.simple_class_path.endswith("lmms_eval_plugin.LynxLMMS")
-
-
-def log_prob(model, question: str, image: Image.Image, continuation: str) -> float:
-    """log p(continuation | question, image), from the model's own loss (independent of the adapter)."""
-    prompt = model.processor.encode(Sample(question), with_answer=False)[0]
-    answer = model.tokenizer(continuation, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([prompt + answer])
-    labels = torch.tensor([[IGNORE_INDEX] * len(prompt) + answer])
-    with torch.no_grad():
-        loss = model(ids, torch.ones_like(ids), model.processor.image_transform(image)[None], labels).loss
-    return -loss.item() * len(answer)
 
 
 def test_the_harness_argmin_picks_the_most_likely_choice(adapter, docs):

@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, tiny_configs
+from eval_fixtures import log_prob
 from PIL import Image
 
 pytest.importorskip("lmms_eval", reason="needs the lmms-eval extra: bash .ci/lmms_eval")
 
 from lynx_zoo import PrefixLynx, load_model  # noqa: E402
-from lynx_zoo.data import IGNORE_INDEX, Sample  # noqa: E402
+from lynx_zoo.data import Sample  # noqa: E402
 from lynx_zoo.data.shapes import COLOURS, write_shapes_vqa  # noqa: E402
 from lynx_zoo.evaluation.cli import evaluate_main  # noqa: E402
 from lynx_zoo.evaluation.lmms_tasks import write_mme_task, write_vqa_task  # noqa: E402
@@ -155,20 +156,6 @@ def test_generation_answers_and_score_equal_lynx_zoo_evaluate(world, variants_en
     assert 0 < exact_match < 1  # the trained model answers some questions right, so agreement is not trivial
 
 
-def choice_log_probs(model, question: str, image: Image.Image, choices: list[str]) -> list[float]:
-    """log p(" " + choice | question, image) per choice, from the model's own loss over the choice's tokens."""
-    prompt = model.processor.encode(Sample(question), with_answer=False)[0]
-    pixels = model.processor.image_transform(image.convert("RGB"))[None]
-    scores = []
-    for choice in choices:
-        answer = model.tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([prompt + answer])
-        labels = torch.tensor([[IGNORE_INDEX] * len(prompt) + answer])
-        with torch.no_grad():
-            scores.append(-model(ids, torch.ones_like(ids), pixels, labels).loss.item() * len(answer))
-    return scores
-
-
 def test_multiple_choice_accuracy_is_the_argmax_of_the_choice_log_probs(world, variants_env):
     import datasets
 
@@ -176,7 +163,8 @@ def test_multiple_choice_accuracy_is_the_argmax_of_the_choice_log_probs(world, v
     docs = datasets.load_from_disk(str(world["tasks"] / "shapes_choice_data"))["test"]
     best, worst = [], []
     for doc in docs:
-        scores = choice_log_probs(model, doc["question"], doc["image"], doc["choices"])
+        # log p(" " + choice | question, image) per choice, from the model's own loss over the choice's tokens
+        scores = [log_prob(model, doc["question"], doc["image"], " " + choice) for choice in doc["choices"]]
         best.append(float(max(range(len(scores)), key=scores.__getitem__) == doc["label"]))
         worst.append(float(min(range(len(scores)), key=scores.__getitem__) == doc["label"]))
     harness = world["samples"]["shapes_choice"]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import io
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -27,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from PIL import Image, UnidentifiedImageError
 
+from lynx_zoo.data.images import open_rgb
 from lynx_zoo.data.manifest import read_manifest
 from lynx_zoo.evaluation.mme import load_mme
+from lynx_zoo.evaluation.runner import split_spec
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +48,17 @@ def _datasets() -> Any:
 
 
 def _image_bytes(path: Path) -> bytes | None:
-    """The file's bytes if it holds a readable image, else ``None`` (logged)."""
+    """The file's bytes if it holds a usable image, else ``None`` (logged).
+
+    The image is checked with :func:`~lynx_zoo.data.images.open_rgb`, as ``evaluate`` opens it, so a task skips
+    exactly the images ``evaluate`` skips: unreadable, not an image, truncated, degenerate or over the pixel cap.
+    """
     try:
-        data = path.read_bytes()
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        log.warning("skipping %s: not a readable image (%s)", path, err)
+        open_rgb(path)
+        return path.read_bytes()
+    except OSError as err:  # a MediaError (an OSError) names the file and says what is wrong with it
+        log.warning("skipping %s", err)
         return None
-    return data
 
 
 def _save(rows: dict[str, list[Any]], columns: dict[str, Any], folder: Path) -> None:
@@ -230,11 +232,12 @@ def write_mme_task(root: str | Path, out: str | Path, name: str = "mme_local", l
 
 
 def _named(spec: str, kind: str) -> tuple[str, Path]:
-    name, sep, path = spec.partition("=")
-    if not sep:
-        path = spec
-        name = f"{Path(spec).stem}_{kind}" if kind != "mme" else "mme_local"
-    return name, Path(path)
+    """``NAME=PATH`` or ``PATH`` (read as ``evaluate`` reads them: :func:`~lynx_zoo.evaluation.runner.split_spec`),
+    named ``<file stem>_<kind>`` (MME: ``mme_local``) when no name is given."""
+    name, path = split_spec(spec)
+    if name is None:
+        name = f"{path.stem}_{kind}" if kind != "mme" else "mme_local"
+    return name, path
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:

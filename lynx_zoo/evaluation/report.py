@@ -185,8 +185,13 @@ class Table:
         self.rows = _ordered([r.row for r in results])
         self.benchmarks = _ordered([r.benchmark for r in results if r.data["unit"] is not None])
         self.groups: dict[tuple[str, str], list[Result]] = {}
+        self.study_runs: dict[str, list[StudyRun]] = {}  # study row -> what each of its results records, in order
         for r in results:
             self.groups.setdefault((r.row, r.benchmark), []).append(r)
+            study = r.study
+            if study is not None:
+                self.study_runs.setdefault(study.row, []).append(study)
+        self._chance: dict[str, dict[str, float]] = {}
 
     def unit(self, benchmark: str) -> str:
         return next(r.data["unit"] for r in self.results if r.benchmark == benchmark)
@@ -198,7 +203,13 @@ class Table:
         return _ordered([m for r in self.results if r.benchmark == benchmark for m in r.data[section]])
 
     def chance(self, benchmark: str) -> dict[str, float]:
-        """Chance per metric of a benchmark (fractions for accuracy, scores for MME); empty if unknown."""
+        """Chance per metric of a benchmark (fractions for accuracy, scores for MME); empty if unknown. Worked out
+        once per benchmark (for results files without ``chance``, it reads their predictions)."""
+        if benchmark not in self._chance:
+            self._chance[benchmark] = self._find_chance(benchmark)
+        return self._chance[benchmark]
+
+    def _find_chance(self, benchmark: str) -> dict[str, float]:
         of_bench = [r for r in self.results if r.benchmark == benchmark]
         if of_bench[0].data["unit"] == "score":
             return {m: MME_CHANCE for m in self.metrics(benchmark, "metrics")}
@@ -209,7 +220,9 @@ class Table:
         return {}
 
     def study(self, row: str) -> StudyRun | None:
-        return next((r.study for r in self.results if r.row == row and r.study), None)
+        """What the row's first result records of its run (``None``: not a study row)."""
+        runs = self.study_runs.get(row)
+        return runs[0] if runs else None
 
     def paper_rows(self) -> dict[str, str]:
         """Paper row -> the table row standing for it."""
@@ -226,19 +239,20 @@ class Table:
 
 
 def _chance_from_predictions(result: Result) -> dict[str, float]:
-    """Chance levels from a results file's predictions beside it (files written before ``chance`` was recorded)."""
+    """Chance levels from a results file's predictions beside it (files written before ``chance`` was recorded),
+    worked out as ``evaluate`` records them (:func:`~lynx_zoo.evaluation.runner.chance_levels`: answers compared
+    after :func:`~lynx_zoo.data.answers.normalize_answer`)."""
+    from lynx_zoo.evaluation.runner import chance_levels  # here: runner imports this module
+
     predictions = result.path.parent / str(result.data.get("predictions") or "")
     if not predictions.is_file():
         return {}
-    answers: dict[str, dict[str, int]] = {}
+    records = []
     for line in predictions.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         if "gt" in row and "category" in row:
-            counts = answers.setdefault(row["category"], {})
-            counts[str(row["gt"]).strip().lower()] = counts.get(str(row["gt"]).strip().lower(), 0) + 1
-    rates = {c: max(n.values()) / sum(n.values()) for c, n in answers.items()}
-    total = sum(sum(n.values()) for n in answers.values())
-    return {"overall": sum(max(n.values()) for n in answers.values()) / total, **rates} if total else {}
+            records.append({"category": row["category"], "answer": str(row["gt"])})
+    return chance_levels(records) if records else {}
 
 
 # ----------------------------------------------------------------------------------------------- the paper
@@ -361,7 +375,7 @@ def markdown_table(results: Sequence[Result], out_dir: Path) -> str:
         lines += ["| variant | seeds | training: wall / CPU (s) | paper: Open-VQA image | study agrees |"]
         lines += ["|---|---|---|---|---|"]
         for row in table.rows:
-            study_runs = [r.study for r in results if r.row == row and r.study]
+            study_runs = table.study_runs.get(row, [])
             wall = Stat.of([s.train_seconds for s in study_runs])
             cpu = Stat.of([s.train_cpu_seconds for s in study_runs])
             time_cell = f"{wall.mean:.0f} / {cpu.mean:.0f}" if wall and cpu else (f"{wall.mean:.0f}" if wall else "–")

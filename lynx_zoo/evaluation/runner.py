@@ -96,7 +96,7 @@ def _check_name(name: str, what: str) -> str:
     return name
 
 
-def _split_spec(spec: str) -> tuple[str | None, Path]:
+def split_spec(spec: str) -> tuple[str | None, Path]:
     """``NAME=PATH`` -> ``(NAME, PATH)``; a plain path -> ``(None, PATH)``.
 
     A path may hold '=' (Lightning names checkpoints ``epoch=3-step=40.ckpt``): an existing path, or
@@ -115,7 +115,7 @@ def _default_name(text: str) -> str:
 def parse_variant(spec: str) -> Variant:
     """``NAME=MODEL`` or ``MODEL``: a checkpoint (named after its run folder, ``runs/NAME/checkpoints/...`` or
     ``runs/NAME/lightning_logs/...``, else the file stem), a variant folder or a variant name (named after either)."""
-    name, path = _split_spec(spec)
+    name, path = split_spec(spec)
     if name is None:
         parts = path.parts
         if "lightning_logs" in parts[1:]:
@@ -130,7 +130,7 @@ def parse_variant(spec: str) -> Variant:
 
 def parse_benchmark(kind: BenchmarkKind, spec: str) -> Benchmark:
     """``NAME=PATH`` or ``PATH`` (named ``<kind>-<file stem>``)."""
-    name, path = _split_spec(spec)
+    name, path = split_spec(spec)
     return Benchmark(kind, _check_name(name or _default_name(f"{kind}-{path.stem}"), "benchmark"), path)
 
 
