@@ -54,8 +54,9 @@ def _image_bytes(path: Path) -> bytes | None:
     exactly the images ``evaluate`` skips: unreadable, not an image, truncated, degenerate or over the pixel cap.
     """
     try:
-        open_rgb(path)
-        return path.read_bytes()
+        data = path.read_bytes()
+        open_rgb(data=data, where=str(path))
+        return data
     except OSError as err:  # a MediaError (an OSError) names the file and says what is wrong with it
         log.warning("skipping %s", err)
         return None
