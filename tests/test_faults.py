@@ -117,6 +117,14 @@ def test_a_degenerate_or_bomb_image_never_reaches_the_decoder(media):
         open_rgb()
 
 
+def test_an_unreadable_image_in_memory_is_named_once_without_the_buffer():
+    with pytest.raises(MediaError) as raised:
+        open_rgb(data=b"just some text", where="shard-3/c.png")
+    assert str(raised.value) == (
+        "shard-3/c.png: not a readable image (UnidentifiedImageError: cannot identify image file)"
+    )
+
+
 def test_bad_images_inside_tar_shards_are_skipped_and_counted(media, tmp_path):
     import io
     import tarfile

@@ -9,6 +9,7 @@ A programming error (a wrong argument type, a missing attribute) still surfaces 
 from __future__ import annotations
 
 import io
+import re
 import threading
 import warnings
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from lynx_zoo.errors import MediaError, OversizedMediaError, is_programming_erro
 # the default pixel cap: PIL's own decompression-bomb threshold (about 89.5 million pixels, e.g. 9459 x 9459)
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 _PIL_LIMIT_LOCK = threading.Lock()
+# how PIL names bytes in memory in its messages ("cannot identify image file <_io.BytesIO object at 0x...>")
+_IN_MEMORY_FILE = re.compile(r" <_io\.BytesIO object at 0x[0-9a-f]+>")
 
 
 @contextmanager
@@ -80,5 +83,5 @@ def open_rgb(
     except Exception as err:
         if is_programming_error(err):
             raise
-        reason = str(err).replace(f" '{where}'", "")  # PIL repeats the path
+        reason = _IN_MEMORY_FILE.sub("", str(err).replace(f" '{where}'", ""))  # PIL repeats the path (or the buffer)
         raise MediaError(f"{where}: not a readable image ({type(err).__name__}: {reason})") from err
