@@ -86,6 +86,11 @@ class VisionTokens:
 Media = torch.Tensor | VisionTokens
 
 
+def media_of(images: torch.Tensor | None, vision_tokens: torch.Tensor | None) -> Media | None:
+    """The media of a batch: a feature cache's ``vision_tokens`` stand in for ``images``."""
+    return VisionTokens(vision_tokens) if vision_tokens is not None else images
+
+
 @dataclass
 class FusedInputs:
     """What the LLM reads once a fusion has put the visual tokens in: token ids *or* input embeddings (a sequence
@@ -238,8 +243,7 @@ class LynxModel(L.LightningModule):
             if not self.supports_packing:
                 raise ValueError(f"{type(self).__name__} does not take packed batches (its supports_packing is off)")
             fusion_inputs["packed"] = packed
-        media: Media | None = VisionTokens(vision_tokens) if vision_tokens is not None else images
-        with self.fused(input_ids, attention_mask, media, **fusion_inputs) as inputs:
+        with self.fused(input_ids, attention_mask, media_of(images, vision_tokens), **fusion_inputs) as inputs:
             mask = inputs.attention_mask
             if labels is not None and mask.shape[1] > labels.shape[1]:  # visual tokens before the text: no loss
                 prefix = labels.new_full((labels.shape[0], mask.shape[1] - labels.shape[1]), IGNORE_INDEX)
@@ -472,11 +476,10 @@ class LynxModel(L.LightningModule):
             return  # the DataModule declares no categories: the loss is the validation
         histories = batch.get("histories") or [[] for _ in batch["instructions"]]
         prompts = self.processor.prompts([Sample(q, history=h) for q, h in zip(batch["instructions"], histories)])
-        media = VisionTokens(batch["vision_tokens"]) if batch.get("vision_tokens") is not None else batch.get("images")
         ids = self.generate_ids(
             prompts["input_ids"].to(self.device),
             prompts["attention_mask"].to(self.device),
-            media,
+            media_of(batch.get("images"), batch.get("vision_tokens")),
             **self.eval_generation,
         )
         correct = [normalize_answer(p) == normalize_answer(a) for p, a in zip(self.decode(ids), batch["answers"])]
