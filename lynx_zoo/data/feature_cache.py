@@ -216,8 +216,7 @@ class FeatureCacheSource(Source):
         self.index: dict[str, Any] = {}
         self.starts: list[int] = []
         self.given_task = task
-        self._handles: dict[int, Any] = {}
-        self._records: dict[int, list[dict[str, Any]]] = {}
+        self._open: dict[int, tuple[Any, list[dict[str, Any]]]] = {}  # shard -> (its file, its records)
         self._process = 0
 
     def prepare(self, context: LoadContext) -> None:
@@ -265,8 +264,8 @@ class FeatureCacheSource(Source):
     def load(self, index: int, seed: str) -> Sample:
         shard = bisect.bisect_right(self.starts, index) - 1
         position = index - self.starts[shard]
-        handle = self._handle(shard)
-        record = self._shard_records(shard, handle)[position]
+        handle, records = self._open_shard(shard)
+        record = records[position]
         tokens = handle.get_slice("tokens")[position : position + 1][0]
         return Sample(
             instruction=self.instruction(record["instruction"], seed),
@@ -278,25 +277,20 @@ class FeatureCacheSource(Source):
             vision_tokens=tokens,
         )
 
-    def _handle(self, shard: int) -> Any:
+    def _open_shard(self, shard: int) -> tuple[Any, list[dict[str, Any]]]:
+        """The shard's open file and its records (the last two shards stay open: a pass reads shard by shard)."""
         if self._process != os.getpid():  # a dataloader worker opens its own files
-            self._handles, self._records, self._process = {}, {}, os.getpid()
-        if shard not in self._handles:
-            if len(self._handles) >= 2:  # a pass reads shard by shard
-                self._handles.pop(next(iter(self._handles)))
-            self._handles[shard] = safe_open(str(self.path / self.index["shards"][shard]["file"]), framework="pt")
-        return self._handles[shard]
-
-    def _shard_records(self, shard: int, handle: Any) -> list[dict[str, Any]]:
-        if shard not in self._records:
-            if len(self._records) >= 2:
-                self._records.pop(next(iter(self._records)))
-            self._records[shard] = json.loads(handle.metadata()["records"])
-        return self._records[shard]
+            self._open, self._process = {}, os.getpid()
+        if shard not in self._open:
+            if len(self._open) >= 2:
+                self._open.pop(next(iter(self._open)))
+            handle = safe_open(str(self.path / self.index["shards"][shard]["file"]), framework="pt")
+            self._open[shard] = handle, json.loads(handle.metadata()["records"])
+        return self._open[shard]
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(_handles={}, _records={}, _process=0)  # open files stay in the process that opened them
+        state.update(_open={}, _process=0)  # open files stay in the process that opened them
         return state
 
 
