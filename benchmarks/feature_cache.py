@@ -34,7 +34,7 @@ from lynx_zoo.data import InstructionTemplates, LoadContext, Sample, Source
 from lynx_zoo.data.feature_cache import FeatureCacheSource, write_feature_cache
 from lynx_zoo.fusion.base import model_inputs
 from lynx_zoo.training.optim import build_optimizer
-from lynx_zoo.training.throughput import lynx_step_flops
+from lynx_zoo.training.throughput import lynx_step_flops, vision_forward_flops
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PIXELS, CACHED = "tower runs (pixels)", "feature cache (fp16 tokens from disk)"
@@ -87,11 +87,7 @@ def captions(n: int, seed: int, tokenizer, image_size: int) -> list[Sample]:
 
 def tower_share(model: PrefixLynx, text: int) -> float:
     """The frozen tower's share of a training step's model FLOPs (``lynx_step_flops``'s count of the tower)."""
-    vision = model.vision
-    tokens = vision.num_tokens
-    dense = 2.0 * sum(p.numel() for p in vision.parameters()) * tokens
-    attention = 4.0 * len(vision.blocks) * vision.width * tokens**2
-    return (dense + attention) / lynx_step_flops(model, 1, text)
+    return vision_forward_flops(model.vision) / lynx_step_flops(model, 1, text)
 
 
 def real_lynx_tower_share(text: int) -> float:

@@ -55,6 +55,12 @@ def _cost(frozen_fwd: float, trainable_fwd: float, grad_in: bool, backward: bool
     return frozen_fwd * (2 if grad_in else 1) + 3 * trainable_fwd
 
 
+def vision_forward_flops(vision: nn.Module) -> float:
+    """Model FLOPs of the vision tower's forward on one image: every parameter on every token, and attention."""
+    tokens = vision.num_tokens
+    return 2.0 * _numel(vision) * tokens + _attention(vision.width, len(vision.blocks), tokens)
+
+
 def lynx_step_flops(
     model: LynxModel,
     batch_size: int,
@@ -76,15 +82,12 @@ def lynx_step_flops(
     vision_tokens = model.vision.num_tokens
     images = batch_size * images_per_sample
 
-    def tower(module: nn.Module, tokens: float, trainable: bool) -> float:
-        return 2.0 * _numel(module, trainable) * tokens
-
     # vision tower: every token of every image (attention counted with the frozen or trainable work)
     vision = model.vision
-    attention = images * _attention(vision.width, len(vision.blocks), vision_tokens)
+    vision_forward = images * vision_forward_flops(vision)
     vision_trainable = _numel(vision, True) > 0
-    frozen = images * tower(vision, vision_tokens, False) + (0 if vision_trainable else attention)
-    trainable = images * tower(vision, vision_tokens, True) + (attention if vision_trainable else 0)
+    frozen = images * 2.0 * _numel(vision, False) * vision_tokens if vision_trainable else vision_forward
+    trainable = vision_forward - frozen
     total = _cost(frozen, trainable, False, backward)
     grad_flows = vision_trainable
 
