@@ -4,6 +4,8 @@ batches without changing which samples they hold."""
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 from conftest import TINY_CROSS_ATTN, open_gates
@@ -155,8 +157,10 @@ def mixture(root, **kwargs) -> MixtureDataModule:
 def test_the_mixture_packs_the_same_samples_its_padded_batches_hold(make_tiny, photo_data, tmp_path, cls):
     padded, packed = Recorder(), Recorder()
     trainer(tmp_path / "a", max_epochs=1, callbacks=[padded]).fit(build(make_tiny, cls), datamodule=mixture(photo_data))
-    run = trainer(tmp_path / "b", max_epochs=1, callbacks=[packed])
-    run.fit(build(make_tiny, cls), datamodule=mixture(photo_data, pack_tokens=64))
+    run, data = trainer(tmp_path / "b", max_epochs=1, callbacks=[packed]), mixture(photo_data, pack_tokens=64)
+    run.fit(build(make_tiny, cls), datamodule=data)
     assert packed.sources == padded.sources and set(padded.sources) == {"images", "text"}
     assert [sorted(ids) for ids in packed.ids] == [sorted(ids) for ids in padded.ids]
     assert torch.isfinite(run.callback_metrics["train/loss"])
+    # the stream goes to every dataloader worker: its packing collate carries a table of visual tokens, not the model
+    assert isinstance(data.stream.collate, PackingCollate) and cls.__name__.encode() not in pickle.dumps(data.stream)

@@ -351,7 +351,10 @@ class MixtureDataModule(LynxDataModule):
         if self.processor is None or (self.pack_tokens and self.media_tokens is None):
             model = attached_model(self)
             self.processor, self.num_frames = model.processor, model.vision_config.num_frames
-            self.media_tokens = model.media_tokens_in_sequence
+            # a table by frame count (an image: 1, a clip: num_frames), not the model's bound method: the collate
+            # goes to every dataloader worker, and under spawn the whole model would be pickled with it
+            by_frames = {f: model.media_tokens_in_sequence(f) for f in range(1, max(self.num_frames, 1) + 1)}
+            self.media_tokens = by_frames.__getitem__
         model = self.trainer.lightning_module if self.trainer is not None else None
         caches = [s for s in [*self.sources, *self.val_sources] if isinstance(s, FeatureCacheSource)]
         if caches and model is not None:
