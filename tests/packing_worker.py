@@ -25,10 +25,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import tiny_configs  # noqa: E402
+from fsdp_worker import build  # noqa: E402  (the same tiny PT and CA, seeded)
 from run_helpers import StopAt  # noqa: E402
 
-from lynx_zoo import CrossAttnConfig, CrossAttnLynx, PrefixLynx  # noqa: E402
 from lynx_zoo.data import ImageTextSource, MixtureDataModule, TextSource  # noqa: E402
 from lynx_zoo.training.distributed import LynxFSDP2Strategy  # noqa: E402
 
@@ -54,13 +53,6 @@ def data(root: Path) -> MixtureDataModule:
     return MixtureDataModule(
         sources, batch_size=4, batches_per_epoch=BATCHES_PER_EPOCH, num_workers=0, seed=4, pack_tokens=PACK_TOKENS
     )
-
-
-def build(fusion: str) -> L.LightningModule:
-    L.seed_everything(0, verbose=False)
-    if fusion == "pt":
-        return PrefixLynx(**tiny_configs())
-    return CrossAttnLynx(**tiny_configs(), cross_attn=CrossAttnConfig(every=2, start=1, num_heads=2, head_dim=8))
 
 
 def fit(fusion: str, strategy: str, out: Path, name: str, ckpt_in: Path | None = None) -> None:
