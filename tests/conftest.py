@@ -76,6 +76,16 @@ def open_gates(model, attn: float, ff: float | None = None) -> None:
             block.ff_gate.data.fill_(ff)
 
 
+def loss_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One training forward and backward of a collated batch: the loss and every gradient, by parameter name."""
+    from lynx_zoo.fusion.base import model_inputs
+
+    model.zero_grad()
+    loss = model(**model_inputs(batch)).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def tiny_checkpoint(path: Path, seed: int, class_path: str | None) -> Path:
     """A tiny random PT model saved as Lightning does (``class_path``: what LightningCLI records)."""
     torch.manual_seed(seed)

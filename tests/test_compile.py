@@ -5,24 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_CROSS_ATTN, open_gates
+from conftest import TINY_CROSS_ATTN, loss_and_grads, open_gates
 from run_helpers import trainer
 
 from lynx_zoo import CrossAttnLynx, PrefixLynx, ShapesVQADataModule
 from lynx_zoo.data import Sample
 from lynx_zoo.data.packing import PackingCollate
-from lynx_zoo.fusion.base import model_inputs
 from lynx_zoo.training import CompileRegions, compile_regions
 
 CA = {"cross_attn": TINY_CROSS_ATTN}
 QA = [("what color is the circle?", "red"), ("how many shapes are there?", "three"), ("is it big?", "no, small")]
-
-
-def step(model, batch):
-    model.zero_grad()
-    loss = model(**model_inputs(batch)).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.trainable_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("cls", [PrefixLynx, CrossAttnLynx])
@@ -33,11 +25,11 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(make_tiny, one_thread
     g = torch.Generator().manual_seed(0)
     samples = [Sample(q, a, image=torch.randn(3, 32, 32, generator=g)) for q, a in QA]
     batches = [model.processor(samples), PackingCollate(model.processor, 64, model.media_tokens_in_sequence)(samples)]
-    eager = [step(model, batch) for batch in batches]
+    eager = [loss_and_grads(model, batch) for batch in batches]
     regions = ["llm_layers", "vision_blocks", "bridge_layers"]
     assert compile_regions(model, regions, backend="aot_eager") == 4 + 2 + 1
     for (loss, grads), batch in zip(eager, batches):
-        compiled_loss, compiled_grads = step(model, batch)
+        compiled_loss, compiled_grads = loss_and_grads(model, batch)
         torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-6)
         assert compiled_grads.keys() == grads.keys()
         for name, grad in grads.items():

@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import TINY_CROSS_ATTN, open_gates
+from conftest import TINY_CROSS_ATTN, loss_and_grads, open_gates
 from media import save_photos, write_jsonl
 from run_helpers import Recorder, trainer
 
@@ -44,13 +44,6 @@ def build(make_tiny, cls):
 
 def packer(model, max_tokens: int = 64) -> PackingCollate:
     return PackingCollate(model.processor, max_tokens, model.media_tokens_in_sequence)
-
-
-def loss_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad()
-    loss = model(**model_inputs(batch)).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def test_rows_take_every_sample_once_within_the_budget_and_end_close_together():
