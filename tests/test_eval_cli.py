@@ -15,7 +15,7 @@ from lynx_zoo import PrefixLynx
 from lynx_zoo.cli import main
 from lynx_zoo.data.answers import normalize_answer
 from lynx_zoo.data.shapes import write_shapes_vqa
-from lynx_zoo.evaluation.runner import Variant, parse_benchmark, parse_variant
+from lynx_zoo.evaluation.runner import Variant, chance_levels, parse_benchmark, parse_variant
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -255,3 +255,10 @@ def test_names_come_from_the_spec_the_run_folder_or_the_file(tmp_path):
     assert parse_variant(str(tmp_path / "epoch=3-step=40.ckpt")).name == "epoch-3-step-40"
     assert parse_benchmark("mme", "data/MME_Benchmark").name == "mme-MME_Benchmark"
     assert parse_variant("not a name=x.ckpt") == Variant("not-a-name-x", "not a name=x.ckpt")  # so a path
+
+
+def test_chance_levels_are_named_as_the_metrics_beside_them():
+    """A category with a dot (``v1.2``) or none (``all``) gets its chance level under the name its metric has, so
+    the report's chance row finds it (the model's metric names turn dots into underscores; results files do not)."""
+    records = [{"category": "v1.2", "answer": a} for a in ("Red.", "red", "blue")] + [{"answer": "x"}]
+    assert chance_levels(records) == pytest.approx({"overall": 3 / 4, "v1.2": 2 / 3, "all": 1.0})

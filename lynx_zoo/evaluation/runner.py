@@ -39,7 +39,6 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
-from lynx_zoo.data.answers import metric_key
 from lynx_zoo.data.manifest import read_manifest
 from lynx_zoo.evaluation.judges import (
     ExactMatchJudge,
@@ -139,11 +138,16 @@ def _number(value: torch.Tensor | float) -> float | None:
     return None if math.isnan(number) else number
 
 
+def _category(name: str) -> str:
+    """A record's category as results files name it (in ``metrics``, ``details`` and ``chance``)."""
+    return name or "all"
+
+
 def chance_levels(records: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Per category, the accuracy of always giving the category's most frequent answer, and ``overall``, that of
     giving each question its category's (what a model that ignores the image and the question's details scores)."""
-    rates = majority_rates(list(records))
-    counts = Counter(metric_key(str(r.get("category") or "")) for r in records)
+    rates = majority_rates(list(records), key=_category)
+    counts = Counter(_category(str(r.get("category") or "")) for r in records)
     total = sum(counts.values())
     overall = sum(rates[c] * n for c, n in counts.items()) / total if total else math.nan
     return {"overall": overall, **rates}
@@ -327,7 +331,7 @@ class Evaluator:
         answered = answers.answered()
         triples = [(records[i]["question"], answers.texts[i], records[i]["answer"]) for i in answered]
         judgements: list[Judgement | None] = [None] * len(records)  # None: skipped (its image is unreadable)
-        categories = [r.get("category") or "all" for r in records]
+        categories = [_category(str(r.get("category") or "")) for r in records]
 
         def rows() -> list[dict]:
             return [
