@@ -184,12 +184,12 @@ def generate_times(variant: str, sizes: list[int]) -> dict[str, float]:
     the server uses."""
     import torch
 
-    from lynx_zoo.serving import load_served_model
+    from lynx_zoo import load_model
     from lynx_zoo.serving.cli import default_threads
     from lynx_zoo.serving.examples import example_scenes
 
     torch.set_num_threads(default_threads())
-    model = load_served_model(variant)
+    model = load_model(variant)
     scenes = example_scenes(model.vision_config.image_size)
     images = [Image.open(io.BytesIO(scene.png)).convert("RGB") for scene in scenes]
     times = {}

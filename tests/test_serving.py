@@ -24,6 +24,7 @@ import pytest
 import torch
 from PIL import Image, PngImagePlugin
 
+import lynx_zoo
 from lynx_zoo.data.processor import Sample
 
 QUESTIONS = ("what color is the circle?", "how many shapes are there?", "where is the red square?")
@@ -589,7 +590,6 @@ def test_a_checkpoint_is_served_too(in_process, make_tiny, tmp_path):
     """``--variant RUN.ckpt``: a Lightning checkpoint as the CLI writes it (its class recorded as ``_class_path``)."""
     import lightning as L
 
-    from lynx_zoo.serving import load_served_model
     from lynx_zoo.serving.cli import served_name_of
 
     trained = make_tiny(seed=1)  # weights whose answer is not empty
@@ -597,12 +597,12 @@ def test_a_checkpoint_is_served_too(in_process, make_tiny, tmp_path):
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_model_summary=False)
     trainer.strategy.connect(trained)
     trainer.save_checkpoint(tmp_path / "last.ckpt")
-    model = load_served_model(str(tmp_path / "last.ckpt"))
+    model = lynx_zoo.load_model(str(tmp_path / "last.ckpt"))
     assert served_name_of(str(tmp_path / "last.ckpt")) == "last"
     status, _, reply = post(in_process(model=model), {"messages": ask(QUESTIONS[1])})
     assert status == 200
     assert reply["choices"][0]["message"]["content"] == trained.eval().generate(prompts=[QUESTIONS[1]])[0]
-    assert load_served_model(str(tmp_path / "last.ckpt"), dtype="bfloat16").llm.dtype == torch.bfloat16
+    assert lynx_zoo.load_model(str(tmp_path / "last.ckpt"), dtype="bfloat16").llm.dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------------------------------------- command line

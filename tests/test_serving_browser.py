@@ -68,9 +68,9 @@ def page_server(request, start_server):
     variant = os.environ.get("LYNX_ZOO_SERVE_VARIANT")
     if not variant:
         return request.getfixturevalue("tiny_server"), request.getfixturevalue("served_model")
-    from lynx_zoo.serving import load_served_model
+    from lynx_zoo import load_model
 
-    return start_server("--variant", variant), load_served_model(variant)
+    return start_server("--variant", variant), load_model(variant)
 
 
 def _answers(driver) -> list[str]:

@@ -6,7 +6,7 @@
 ``pip install 'lynx-zoo[serve]'``.
 """
 
-from lynx_zoo.serving.cli import load_served_model, main
+from lynx_zoo.serving.cli import main
 from lynx_zoo.serving.settings import ServeSettings
 
-__all__ = ["ServeSettings", "load_served_model", "main"]
+__all__ = ["ServeSettings", "main"]

@@ -9,15 +9,8 @@ from pathlib import Path
 
 import torch
 
-from lynx_zoo.fusion.base import LynxModel
 from lynx_zoo.hub import load_model
 from lynx_zoo.serving.settings import ServeSettings, parse_settings
-
-
-def load_served_model(variant: str, device: str = "cpu", dtype: str | None = None) -> LynxModel:
-    """The model to serve, in eval mode: anything :func:`lynx_zoo.load_model` takes (a Lightning checkpoint, a variant
-    folder, a registered variant name or ``hf://org/repo``)."""
-    return load_model(variant, device=device, dtype=dtype)
 
 
 def served_name_of(variant: str) -> str:
@@ -49,7 +42,7 @@ def serve(settings: ServeSettings) -> None:
     threads = settings.threads or default_threads()
     torch.set_num_threads(threads)
     sock = bind_socket(settings.host, settings.port)
-    model = load_served_model(settings.variant, settings.device, settings.dtype)
+    model = load_model(settings.variant, device=settings.device, dtype=settings.dtype)  # in eval mode
     name = settings.served_name or served_name_of(settings.variant)
     app = create_app(model, settings, name)
     batching = f"batches of up to {settings.max_batch_size}" if settings.max_batch_size > 1 else "batching off"
