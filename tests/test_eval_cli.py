@@ -13,9 +13,9 @@ from PIL import Image
 
 from lynx_zoo import PrefixLynx
 from lynx_zoo.cli import main
-from lynx_zoo.data.answers import normalize_answer
+from lynx_zoo.data.answers import chance_levels, normalize_answer
 from lynx_zoo.data.shapes import write_shapes_vqa
-from lynx_zoo.evaluation.runner import Variant, chance_levels, parse_benchmark, parse_variant
+from lynx_zoo.evaluation.runner import Variant, parse_benchmark, parse_variant
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lynx_zoo.data.answers import chance_levels
+
 REQUIRED_KEYS = ("variant", "benchmark", "kind", "unit", "summary", "metrics")
 UNIT_LABELS = {"accuracy": "accuracy (%)", "score": "MME score (max 200 per subtask)"}
 # counts of a results file shown as their own columns: key -> column name
@@ -240,10 +242,8 @@ class Table:
 
 def _chance_from_predictions(result: Result) -> dict[str, float]:
     """Chance levels from a results file's predictions beside it (files written before ``chance`` was recorded),
-    worked out as ``evaluate`` records them (:func:`~lynx_zoo.evaluation.runner.chance_levels`: answers compared
-    after :func:`~lynx_zoo.data.answers.normalize_answer`)."""
-    from lynx_zoo.evaluation.runner import chance_levels  # here: runner imports this module
-
+    worked out as ``evaluate`` records them (:func:`~lynx_zoo.data.answers.chance_levels`: answers compared after
+    :func:`~lynx_zoo.data.answers.normalize_answer`)."""
     predictions = result.path.parent / str(result.data.get("predictions") or "")
     if not predictions.is_file():
         return {}

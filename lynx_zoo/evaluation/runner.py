@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import re
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
+from lynx_zoo.data.answers import chance_levels, result_category
 from lynx_zoo.data.manifest import read_manifest
 from lynx_zoo.evaluation.judges import (
     ExactMatchJudge,
@@ -56,7 +56,6 @@ from lynx_zoo.generation import open_image
 from lynx_zoo.hub import ModelConfig, load_model, resolve_variant
 from lynx_zoo.hub.config import jsonable
 from lynx_zoo.metrics import CategoryAccuracy, mme_yes_no
-from lynx_zoo.training.callbacks import majority_rates
 
 log = logging.getLogger(__name__)
 
@@ -136,21 +135,6 @@ def parse_benchmark(kind: BenchmarkKind, spec: str) -> Benchmark:
 def _number(value: torch.Tensor | float) -> float | None:
     number = float(value)
     return None if math.isnan(number) else number
-
-
-def _category(name: str) -> str:
-    """A record's category as results files name it (in ``metrics``, ``details`` and ``chance``)."""
-    return name or "all"
-
-
-def chance_levels(records: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Per category, the accuracy of always giving the category's most frequent answer, and ``overall``, that of
-    giving each question its category's (what a model that ignores the image and the question's details scores)."""
-    rates = majority_rates(list(records), key=_category)
-    counts = Counter(_category(str(r.get("category") or "")) for r in records)
-    total = sum(counts.values())
-    overall = sum(rates[c] * n for c, n in counts.items()) / total if total else math.nan
-    return {"overall": overall, **rates}
 
 
 @dataclass
@@ -331,7 +315,7 @@ class Evaluator:
         answered = answers.answered()
         triples = [(records[i]["question"], answers.texts[i], records[i]["answer"]) for i in answered]
         judgements: list[Judgement | None] = [None] * len(records)  # None: skipped (its image is unreadable)
-        categories = [_category(str(r.get("category") or "")) for r in records]
+        categories = [result_category(str(r.get("category") or "")) for r in records]
 
         def rows() -> list[dict]:
             return [

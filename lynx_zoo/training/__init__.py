@@ -1,6 +1,6 @@
 """Training pieces: the optimiser, callbacks, and (in :mod:`lynx_zoo.training.distributed`) scale-out."""
 
-from lynx_zoo.training.callbacks import HeldOutReport, SkippedSampleReport, majority_rates
+from lynx_zoo.training.callbacks import HeldOutReport, SkippedSampleReport
 from lynx_zoo.training.compile import CompileRegions, compile_regions
 from lynx_zoo.training.optim import OptimizerConfig, build_optimizer, lr_factor
 
@@ -12,5 +12,4 @@ __all__ = [
     "build_optimizer",
     "compile_regions",
     "lr_factor",
-    "majority_rates",
 ]

@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from lynx_zoo.data.answers import metric_key, normalize_answer
+from lynx_zoo.data.answers import majority_rates
 from lynx_zoo.data.datamodule import LynxDataModule
 from lynx_zoo.errors import TrainingFailed
-
-
-def majority_rates(records: list[dict], key: Callable[[str], str] = metric_key) -> dict[str, float]:
-    """Per category (named by ``key``: by default as a model's metrics name it), the share of the most frequent
-    answer: what always guessing it would score."""
-    answers: dict[str, Counter] = {}
-    for record in records:
-        category = key(str(record.get("category") or ""))
-        answers.setdefault(category, Counter())[normalize_answer(record["answer"])] += 1
-    return {c: counts.most_common(1)[0][1] / sum(counts.values()) for c, counts in answers.items()}
 
 
 class HeldOutReport(L.Callback):
