@@ -128,7 +128,14 @@ def render(name: str) -> str:
         raise SystemExit(f"results block {name!r} has no renderer (known: {', '.join(sorted(RENDERERS))})")
     entry = RENDERERS[name]
     data = load(entry.results)
-    return wrap(entry.render(data).strip("\n")) + "\n\n" + provenance(entry.results, data) + "\n"
+    try:
+        body = entry.render(data)
+    except (KeyError, IndexError, ValueError, TypeError) as error:  # a results file of another shape
+        raise SystemExit(
+            f"benchmarks/results/{entry.results}: block {name!r} cannot render it ({type(error).__name__}: {error}); "
+            "update its renderer in benchmarks/render_docs.py"
+        ) from error
+    return wrap(body.strip("\n")) + "\n\n" + provenance(entry.results, data) + "\n"
 
 
 def documents(root: Path = REPO) -> list[Path]:

@@ -81,9 +81,14 @@ def test_a_block_without_a_renderer_or_with_unbalanced_markers_is_an_error():
         render_docs.rendered("<!-- results:train_step -->\nx\n", "doc.md")
 
 
-def test_a_registered_renderer_needs_its_results_file(monkeypatch):
+def test_a_renderer_needs_its_results_file_in_the_shape_it_reads(monkeypatch):
     monkeypatch.setitem(render_docs.RENDERERS, "missing", render_docs.Renderer(lambda result: "", "missing.json"))
     with pytest.raises(SystemExit, match="missing.json: no such results file"):
         render_docs.render("missing")
+    monkeypatch.setitem(
+        render_docs.RENDERERS, "renamed", render_docs.Renderer(lambda r: r["no_such_key"], "memory.json")
+    )
+    with pytest.raises(SystemExit, match=r"memory.json: block 'renamed' cannot render it \(KeyError"):
+        render_docs.render("renamed")
     with pytest.raises(ValueError, match="two renderers"):
         render_docs.renderer("train_step")(lambda result: "")
