@@ -514,8 +514,8 @@ def data_memory(result: dict[str, Any]) -> str:
         [
             table(["reader", "samples", "start-up (s)", "rank RSS (MB)", "worker RSS (MB, the larger)"], cells),
             "",
-            f"- **Prepared:** from {sizes} samples the rank's memory {same(rank)}, a "
-            f"worker's by at most {pct(max(worker) / min(worker) - 1, 0)} (it maps the 64 MB chunk it reads), and "
+            f"- **Prepared:** from {sizes} samples the rank's memory {same(rank)}, a worker's varies by at most "
+            f"{pct(max(worker) / min(worker) - 1, 0)} (it maps the 64 MB chunk it reads), and "
             f"start-up does not grow ({min(r['startup_s'] for r in prepared):.2f}-"
             f"{max(r['startup_s'] for r in prepared):.2f} s). Most of the memory is torch and the zoo themselves: "
             f"PSS, which splits the pages the processes share, is {min(pss):.0f}-{max(pss):.0f} MB per process."
