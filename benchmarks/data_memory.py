@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import platform
 import subprocess
 import sys
 import tarfile
@@ -35,6 +33,7 @@ import numpy as np
 import psutil
 import torch
 from PIL import Image
+from record import finish_record, run_record
 
 from lynx_zoo.data import LynxProcessor, MixtureDataModule, PromptConfig, ShardSource
 from lynx_zoo.data.prepared import REPORT_NAME, PreparedSource
@@ -127,6 +126,7 @@ def main() -> None:
         print(json.dumps(measure(*args.measure, args.batches)))
         return
 
+    machine = run_record()
     rows = []
     for size in args.sizes:
         for reader in args.readers:
@@ -148,9 +148,8 @@ def main() -> None:
                   f"{row['rank']['rss_mb']:7.1f} MB (PSS {row['rank']['pss_mb']:7.1f}), worker RSS {worker_rss:7.1f} "
                   f"MB (PSS {worker_pss:7.1f})", flush=True)  # fmt: skip
     result = {
-        "command": "python " + " ".join(sys.argv),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch {torch.__version__}",
+        "command": machine["command"],
+        "machine": {**finish_record(machine), "memory_gib": round(psutil.virtual_memory().total / 2**30)},
         "batch_size": 8,
         "num_workers": 2,
         "batches_measured": args.batches,

@@ -16,10 +16,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import platform
 import statistics
-import sys
 import tarfile
 import tempfile
 import time
@@ -29,6 +26,7 @@ import av
 import numpy as np
 import torch
 from PIL import Image
+from record import finish_record, run_record
 from skimage import data as skdata
 
 from lynx_zoo.cli import LynxCLI
@@ -125,6 +123,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="measurements of each pipeline (the median is kept)")
     parser.add_argument("--out", default="benchmarks/results/data_throughput.json")
     args = parser.parse_args()
+    machine = run_record()
 
     torch.manual_seed(0)
     cli = LynxCLI(args=["--config", args.config, "--trainer.logger=false"], run=False)
@@ -172,8 +171,8 @@ def main() -> None:
         row["ratio_to_model"] = round(ratio, 2)
         print(f"| {row['pipeline']} | {row['storage']} | {row['workers']} | {row['samples_per_s']} | {ratio:.2f} |")
     result = {
-        "command": "python " + " ".join(sys.argv),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+        "command": machine["command"],
+        "machine": finish_record(machine),
         "model_config": args.config,
         "batch_size": args.batch_size,
         "image_size": model.vision_config.image_size,

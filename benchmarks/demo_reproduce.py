@@ -17,14 +17,14 @@ import argparse
 import csv
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
 import sys
 import time
-from importlib.metadata import version
 from pathlib import Path
+
+from record import finish_record, run_record
 
 REPO = Path(__file__).resolve().parents[1]
 # the README's table: | category | mean | min – max | chance |
@@ -50,17 +50,6 @@ def held_out_accuracy(run: Path) -> dict[str, float]:
     return last
 
 
-def machine() -> dict[str, object]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())  # fmt: skip
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        **{name: version(name) for name in ("torch", "transformers", "lightning", "timm")},
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -68,6 +57,7 @@ def main() -> None:
     parser.add_argument("--readme", type=Path, default=REPO / "README.md")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "demo_reproduce.json")
     args = parser.parse_args()
+    machine = run_record()
     stated = readme_table(args.readme)
     args.workdir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "LYNX_ZOO_VARIANTS": str((args.workdir / "variants").resolve())}
@@ -95,11 +85,11 @@ def main() -> None:
             "agrees": figures["min"] <= round(mean, 3) <= figures["max"],
         }
     result = {
-        "command": " ".join([sys.executable, *sys.argv]),
+        "command": machine["command"],
         "runs": runs,
         "categories": table,
         "agrees": all(c["agrees"] for c in table.values()),
-        "machine": machine(),
+        "machine": finish_record(machine),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -1,22 +1,21 @@
-"""What the scale benchmarks share: the model sizes, the machine record, the table and the JSON file."""
+"""What the scale benchmarks share: the model sizes, the table and the JSON file with the run record."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import platform
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from record import finish_record, run_record
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# the run's machine record, taken when a benchmark imports this module (at its start); report() completes it
+RUN = run_record()
 
 # a small-but-not-tiny LLaVA-shaped model: a ViT-S-like tower at 224 px (196 patch tokens), an MLP projector,
 # an 8-layer width-512 LLaMA with the 32,000-token LLaMA vocabulary
@@ -43,33 +42,6 @@ def llama_tokenizer_dir() -> str:
     return str(folder)
 
 
-def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    try:
-        info["cpu"] = next(
-            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
-        )
-        info["load_average_at_start"] = os.getloadavg()
-    except (OSError, StopIteration):
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    try:
-        info["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return info
-
-
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """A Markdown table of ``rows``."""
 
@@ -86,7 +58,8 @@ def report(name: str, rows: list[dict[str, Any]], columns: list[str], **extra: A
     print(table(rows, columns))
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
-    record = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(), "rows": rows, **extra}
+    machine = finish_record(RUN)
+    record = {"command": machine["command"], "machine": machine, "rows": rows, **extra}
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {path}")
     return path

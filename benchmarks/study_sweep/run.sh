@@ -3,7 +3,8 @@
 # ("NAME JSON") as its own process, all at once on one GPU, each stopping on its own before BUDGET seconds (hard
 # limit: timeout). Run from the repository root:
 #   bash benchmarks/study_sweep/run.sh OUTDIR     (DEVICE=cpu LIMIT=2 EXTRA='{"s0_steps": 20, ...}' for a quick test)
-# OUTDIR gets results.jsonl (a line per finished phase, progress lines every 250 steps), log.txt and env.txt.
+# OUTDIR gets results.jsonl (a line per finished phase, progress lines every 250 steps), log.txt, env.txt and
+# machine.json (benchmarks/record.py's run record).
 # The recorded run: benchmarks/results/study_sweep.jsonl (one H200, 14 processes, 190 s; study_sweep_env.txt).
 set -u
 OUT=${1:?usage: bash benchmarks/study_sweep/run.sh OUTDIR}
@@ -14,6 +15,7 @@ PYTHON=${PYTHON:-python3}
 BUDGET=${BUDGET:-190}
 LIMIT=${LIMIT:-100}
 export DEADLINE=$(( $(date +%s) + BUDGET - 22 ))
+"$PYTHON" benchmarks/record.py bash benchmarks/study_sweep/run.sh "$@" > "$OUT/machine.json"
 { date -u; nproc; "$PYTHON" -c 'import torch, transformers, peft, timm, lightning, sys; print(sys.version, torch.__version__, transformers.__version__, peft.__version__, timm.__version__, lightning.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())'; nvidia-smi --query-gpu=name,memory.used,utilization.gpu --format=csv 2>/dev/null; } > "$OUT/env.txt" 2>&1 &
 n=0
 while read -r name settings; do
