@@ -16,9 +16,11 @@ covers its vocabulary.
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
@@ -132,3 +134,49 @@ def write_shapes_vqa(root: str | Path, num_train: int, num_val: int, image_size:
         tmp = root / f"{split}.jsonl.tmp"
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
         tmp.rename(root / f"{split}.jsonl")
+
+
+# the share of its bounding box that each shape fills (a filled circle pi/4, a square 1, an isosceles triangle 1/2)
+_FILL_SHARE = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}
+
+
+def scene_from_pixels(image: Image.Image) -> list[dict]:
+    """Read a rendered scene back from its pixels alone: each palette colour present is one object, its shape the
+    one whose share of the bounding box it fills best, its quadrant where its centre lies. An oracle over the data:
+    what the image decides, with no access to how it was drawn."""
+    pixels = np.asarray(image.convert("RGB"))
+    half_y, half_x = pixels.shape[0] / 2, pixels.shape[1] / 2
+    objects = []
+    for colour, rgb in COLOURS.items():
+        ys, xs = np.nonzero((pixels == rgb).all(axis=-1))
+        if len(ys) == 0:
+            continue
+        fill = len(ys) / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+        shape = min(_FILL_SHARE, key=lambda s: abs(_FILL_SHARE[s] - fill))
+        quadrant = QUADRANTS[2 * int(ys.mean() >= half_y) + int(xs.mean() >= half_x)]
+        objects.append({"shape": shape, "colour": colour, "quadrant": quadrant})
+    return objects
+
+
+def oracle_answer(objects: list[dict], question: str) -> str | None:
+    """The answer that ``objects`` (e.g. :func:`scene_from_pixels`) give to one of :func:`scene_questions`'
+    questions; None when they do not decide it (no object, or several, fits)."""
+    if question == "how many shapes are there?":
+        return NUMBERS[len(objects) - 1] if 1 <= len(objects) <= len(NUMBERS) else None
+    words = question.rstrip("?").split()
+    fits = [
+        o
+        for o in objects
+        if all(
+            w not in (*SHAPES, *COLOURS) or w in (o["shape"], o["colour"]) for w in words[3:]
+        )  # the words naming the object, after "what color is" / "what shape is" / "where is the"
+        and (" in the " not in question or question.rstrip("?").endswith(o["quadrant"]))
+    ]
+    if len(fits) != 1:
+        return None
+    (target,) = fits
+    if question.startswith("what color"):
+        return target["colour"]
+    if question.startswith("what shape"):
+        return target["shape"]
+    return target["quadrant"]
