@@ -79,7 +79,7 @@ function readAsDataURL(blob) {
 }
 
 async function pickExample(example, button) {
-  const blob = await (await fetch(example.url)).blob();
+  const blob = await (await api(example.url)).blob();
   document.querySelectorAll("#examples button").forEach((b) => b.classList.remove("selected"));
   button.classList.add("selected");
   $("file-input").value = "";
@@ -162,7 +162,7 @@ async function ask(question) {
   answer.dataset.state = "streaming";
   let text = "";
   let finish = null;
-  const response = await fetch("/v1/chat/completions", {
+  const response = await api("/v1/chat/completions", {
     method: "POST",
     headers: {"Content-Type": "application/json"},
     body: JSON.stringify({model: state.model, messages, stream: true, ...generationFields()}),
@@ -213,7 +213,7 @@ async function submit(event) {
 }
 
 async function start() {
-  const info = await (await fetch("/info")).json();
+  const info = await (await api("/info")).json();
   state.model = info.model;
   $("model-name").textContent = `${info.model} (${info.fusion})`;
   document.title = `${info.model}: lynx_zoo chat`;
@@ -230,7 +230,7 @@ async function start() {
     button.dataset.name = example.name;
     button.title = example.name;
     const image = element("img");
-    image.src = example.url;
+    api(example.url).then((r) => r.blob()).then((blob) => { image.src = URL.createObjectURL(blob); });
     image.alt = example.name;
     button.appendChild(image);
     button.addEventListener("click", () => pickExample(example, button));
