@@ -184,6 +184,223 @@ def test_mixed_concurrent_traffic_is_batched_per_step_and_each_equals_generate(t
     assert after["batches"] == before["batches"]  # no request needed generate as a whole
 
 
+def test_generation_fields_map_onto_generate(tiny_server, served_model, media_root):
+    api = client(tiny_server)
+    path = media_root / "scene0.png"
+    messages = ask(QUESTIONS[0], image_part(data_url(path)))
+    # max_tokens is max_new_tokens; a cut answer ends with "length"
+    short = api.chat.completions.create(model="lynx-serve-tiny", messages=messages, max_tokens=2)
+    assert (
+        short.choices[0].message.content
+        == served_model.generate(images=[path], prompts=[QUESTIONS[0]], max_new_tokens=2)[0]
+    )
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 2
+    # temperature 0 is greedy, as the variant's default
+    greedy = api.chat.completions.create(model="lynx-serve-tiny", messages=messages, temperature=0)
+    assert greedy.choices[0].message.content == served_model.generate(images=[path], prompts=[QUESTIONS[0]])[0]
+    # n samples at the temperature (num_return_sequences); top_p samples too
+    sampled = api.chat.completions.create(model="lynx-serve-tiny", messages=messages, n=6, temperature=2.0)
+    assert [c.index for c in sampled.choices] == list(range(6))
+    assert len({c.message.content for c in sampled.choices}) > 1, "six samples at temperature 2 were all equal"
+    nucleus = api.chat.completions.create(model="lynx-serve-tiny", messages=messages, top_p=0.9, n=2, max_tokens=4)
+    assert len(nucleus.choices) == 2 and nucleus.usage.completion_tokens <= 8
+
+
+def test_n_choices_stream_with_their_index(tiny_server):
+    chunks = list(
+        client(tiny_server).chat.completions.create(
+            model="lynx-serve-tiny", messages=ask(QUESTIONS[1]), n=3, temperature=1.0, stream=True, max_tokens=4
+        )
+    )
+    finished = sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason)
+    assert finished == [0, 1, 2]
+
+
+def test_video_parts_equal_generate(tiny_server, served_model, media_root):
+    """A video as a data URL and as a path under the media root: ``vision.num_frames`` frames at segment centres,
+    as ``generate(videos=...)`` samples them."""
+    clip = media_root / "clip.mp4"
+    expected = served_model.generate(videos=[clip], prompts=[QUESTIONS[1]])[0]
+    api = client(tiny_server)
+    for url in (data_url(clip), "clip.mp4", clip.as_uri()):
+        part = {"type": "video_url", "video_url": {"url": url}}
+        reply = api.chat.completions.create(model="lynx-serve-tiny", messages=ask(QUESTIONS[1], part))
+        assert reply.choices[0].message.content == expected, url[:40]
+
+
+def test_image_paths_under_the_root(tiny_server, served_model, media_root):
+    path = media_root / "scene3.png"
+    expected = served_model.generate(images=[path], prompts=[QUESTIONS[2]])[0]
+    for url in ("scene3.png", path.as_uri(), str(path)):
+        reply = client(tiny_server).chat.completions.create(
+            model="lynx-serve-tiny", messages=ask(QUESTIONS[2], image_part(url))
+        )
+        assert reply.choices[0].message.content == expected, url
+
+
+def test_conversation_history_and_system_message(tiny_server, served_model, media_root):
+    """Earlier turns become the Lynx conversation (``<s> User: q1\\nBot: a1 </s> User: q2\\nBot:``), the image
+    comes from the first turn, a system message goes before the first question."""
+    path = media_root / "scene2.png"
+    messages = [
+        {"role": "system", "content": "what"},
+        {"role": "user", "content": [image_part(data_url(path)), {"type": "text", "text": QUESTIONS[0]}]},
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": QUESTIONS[1]},
+    ]
+    reply = client(tiny_server).chat.completions.create(model="lynx-serve-tiny", messages=messages)
+    model = served_model
+    prompts = model.processor.prompts([Sample(QUESTIONS[1], history=[(f"what\n{QUESTIONS[0]}", "red")])])
+    image = model.processor.image_transform(Image.open(path).convert("RGB"))[None]
+    ids = model.generate_ids(prompts["input_ids"], prompts["attention_mask"], image, **model.eval_generation)
+    assert reply.choices[0].message.content == model.decode(ids)[0]
+    assert reply.usage.prompt_tokens == int(prompts["attention_mask"].sum())
+
+
+# ---------------------------------------------------------------------------------------------- bad requests
+def _big_png() -> str:
+    """A 90 x 90 PNG (under the pixel cap) of about 40 kB: a text chunk over the byte cap."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("padding", "x" * 40_000)
+    return image_bytes_url(Image.new("RGB", (90, 90), "white"), pnginfo=info)
+
+
+def _gif() -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buffer, format="GIF")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _bad_requests(media_root: Path) -> list[tuple[str, bytes | dict, int, str, str | None]]:
+    """(case, body, status, a phrase of the message, the field named)."""
+    scene = data_url(media_root / "scene0.png")
+    outside = media_root.parent / "outside.png"
+    Image.new("RGB", (8, 8)).save(outside)
+    (media_root / "escape.png").unlink(missing_ok=True)
+    (media_root / "escape.png").symlink_to(outside)
+    text_as_png = "data:image/png;base64," + base64.b64encode(b"just some text, not pixels").decode()
+    return [
+        ("malformed JSON", b'{"messages": [', 400, "malformed JSON", "body"),
+        ("not an object", b"[1, 2]", 400, "expected a JSON object, got list", "body"),
+        ("no messages", {"model": "lynx-serve-tiny"}, 400, "non-empty list of messages", "messages"),
+        ("unknown role", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "unknown role 'wizard'",
+         "messages[0].role"),
+        ("tool role", {"messages": [{"role": "tool", "content": "hi"}]}, 400, "no tools", "messages[0].role"),
+        ("last message not from the user", {"messages": [*ask("hi"), {"role": "assistant", "content": "yo"}]}, 400,
+         "last message must be a user message", "messages"),
+        ("bad base64", {"messages": ask("hi", image_part("data:image/png;base64,iVBOR%%%"))}, 400, "invalid base64",
+         "messages[0].content[0].image_url.url"),
+        ("non-image payload", {"messages": ask("hi", image_part(text_as_png))}, 400, "not an image",
+         "messages[0].content[0].image_url.url"),
+        ("GIF image", {"messages": ask("hi", image_part(_gif()))}, 400, "GIF images are not accepted",
+         "messages[0].content[0].image_url.url"),
+        ("image type not accepted", {"messages": ask("hi", image_part("data:image/tiff;base64,AAAA"))}, 400,
+         "unsupported image type 'image/tiff'", "messages[0].content[0].image_url.url"),
+        ("over the pixel cap", {"messages": ask("hi", image_part(image_bytes_url(Image.new("RGB", (200, 100)))))},
+         400, "200x100 = 20000 pixels, over the cap of 10000", "messages[0].content[0].image_url.url"),
+        ("over the byte cap", {"messages": ask("hi", image_part(_big_png()))}, 400, "over the cap of 20000 bytes",
+         "messages[0].content[0].image_url.url"),
+        ("too many images", {"messages": [*ask("a", image_part(scene)), {"role": "assistant", "content": "b"},
+                                          *ask("c", image_part(scene))]}, 400, "too many images/videos: 2",
+         "messages"),
+        ("image and video", {"messages": ask("a", image_part(scene)) + ask(
+            "c", {"type": "video_url", "video_url": {"url": "clip.mp4"}})}, 400, "too many images/videos: 2",
+         "messages"),
+        ("absolute path outside the root", {"messages": ask("hi", image_part(str(outside)))}, 400,
+         "outside the media root", "messages[0].content[0].image_url.url"),
+        ("relative path escaping the root", {"messages": ask("hi", image_part("../outside.png"))}, 400,
+         "outside the media root", "messages[0].content[0].image_url.url"),
+        ("symlink escaping the root", {"messages": ask("hi", image_part("escape.png"))}, 400,
+         "outside the media root", "messages[0].content[0].image_url.url"),
+        ("missing file", {"messages": ask("hi", image_part("nope.png"))}, 400, "no such file",
+         "messages[0].content[0].image_url.url"),
+        ("remote URL while off", {"messages": ask("hi", image_part("http://127.0.0.1:9/cat.png"))}, 400,
+         "remote URLs are off", "messages[0].content[0].image_url.url"),
+        ("unsupported URL scheme", {"messages": ask("hi", image_part("ftp://example.org/cat.png"))}, 400,
+         "unsupported URL scheme 'ftp'", "messages[0].content[0].image_url.url"),
+        ("unsupported content type", {"messages": [{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]}, 400,
+         "unsupported content type 'input_audio'", "messages[0].content[0].type"),
+        ("image in an assistant message", {"messages": [*ask("a"), {"role": "assistant", "content": [
+            image_part(scene)]}, *ask("b")]}, 400, "belong in user messages", "messages[1].content[0].type"),
+        ("corrupt video", {"messages": ask("hi", {"type": "video_url", "video_url": {"url": "broken.mp4"}})}, 400,
+         "broken.mp4: cannot decode video", "messages[0].content[0].video_url.url"),
+        ("not a video", {"messages": ask("hi", {"type": "video_url", "video_url": {
+            "url": "data:video/mp4;base64," + base64.b64encode(b"not a video at all").decode()}})}, 400,
+         "the uploaded video: cannot decode video", "messages[0].content[0].video_url.url"),
+        ("max_tokens not an integer", {"messages": ask("hi"), "max_tokens": "many"}, 400, "expected an integer",
+         "max_tokens"),
+        ("max_tokens over the limit", {"messages": ask("hi"), "max_tokens": 100_000}, 400, "between 1 and 512",
+         "max_tokens"),
+        ("temperature out of range", {"messages": ask("hi"), "temperature": 3.5}, 400, "between 0.0 and 2.0",
+         "temperature"),
+        ("n on greedy settings", {"messages": ask("hi"), "n": 2}, 400, "need sampling (a temperature above 0)", "n"),
+        ("unsupported field", {"messages": ask("hi"), "tools": [{"type": "function"}]}, 400,
+         "not supported by this server", "tools"),
+        ("stream not a boolean", {"messages": ask("hi"), "stream": "yes"}, 400, "expected true or false", "stream"),
+        ("unknown model", {"model": "gpt-4o", "messages": ask("hi")}, 404, "is not served here", "model"),
+    ]  # fmt: skip
+
+
+def test_bad_requests_get_a_clear_error_and_the_server_keeps_answering(tiny_server, served_model, media_root):
+    for case, body, status, phrase, param in _bad_requests(media_root):
+        got, _, reply = post(tiny_server.url, body)
+        assert got == status, (case, reply)
+        error = reply["error"]
+        assert phrase in error["message"], (case, error)
+        assert str(media_root) not in error["message"], "an error shows the server's media root"
+        assert error["param"] == param and error["message"].startswith(param + ": "), (case, error)
+        assert error["type"] == "invalid_request_error"
+        assert_still_answering(tiny_server, served_model)
+
+
+def test_neutral_unsupported_fields_are_accepted(tiny_server, served_model):
+    body = {"messages": ask(QUESTIONS[1]), "presence_penalty": 0, "frequency_penalty": 0.0, "tools": [], "stop": None}
+    status, _, reply = post(tiny_server.url, body)
+    assert status == 200
+    assert reply["choices"][0]["message"]["content"] == served_model.generate(prompts=[QUESTIONS[1]])[0]
+
+
+def test_the_openai_client_raises_on_a_bad_request(tiny_server):
+    with pytest.raises(openai.BadRequestError, match="unknown role 'robot'"):
+        client(tiny_server).chat.completions.create(model="", messages=[{"role": "robot", "content": "hi"}])
+
+
+def test_image_pixel_cap_above_pils_own_limit():
+    """The cap alone decides: PIL warns above its own limit (about 89.5 million pixels), a larger cap still lets
+    an image under it through; over twice that limit PIL refuses by itself, reported as over the cap."""
+    from lynx_zoo.serving.media import decode_image
+    from lynx_zoo.serving.protocol import RequestError
+
+    def png(width: int, height: int) -> bytes:
+        out = io.BytesIO()
+        Image.new("1", (width, height)).save(out, format="PNG")  # 1 bit a pixel: cheap to build and to send
+        return out.getvalue()
+
+    data = png(10000, 9000)
+    image = decode_image(data, "image", max_pixels=100_000_000)
+    assert image.mode == "RGB" and image.size == (10000, 9000)
+    del image
+    with pytest.raises(RequestError, match="10000x9000 = 90000000 pixels, over the cap of 89000000"):
+        decode_image(data, "image", max_pixels=89_000_000)
+    with pytest.raises(RequestError, match="over the pixel cap of 100000000"):
+        decode_image(png(15000, 12000), "image", max_pixels=100_000_000)
+
+
+# ---------------------------------------------------------------------------------------------- the page
+def test_chat_page_and_its_assets(tiny_server):
+    status, headers, page = get(tiny_server.url, "/")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert b"/static/chat.js" in page and b'id="file-input"' in page
+    assert get(tiny_server.url, "/static/chat.js")[0] == 200
+    info = json.loads(get(tiny_server.url, "/info")[2])
+    assert info["model"] == "lynx-serve-tiny" and info["video"] is True and len(info["examples"]) == 6
+    status, headers, png = get(tiny_server.url, info["examples"][0]["url"])
+    assert status == 200 and Image.open(io.BytesIO(png)).size == (32, 32)
+    assert get(tiny_server.url, "/examples/nope.png")[0] == 404
+
+
+# ---------------------------------------------------------------------------------------------- in-process servers
 @pytest.fixture
 def in_process(served_model):
     """``serve(settings)`` -> the base URL of the served variant with these settings (a real uvicorn server on a
@@ -204,8 +421,9 @@ def in_process(served_model):
 
 
 def test_a_whole_request_batch_starts_once_it_is_as_large_as_the_last_one(in_process):
-    """For the requests answered by ``generate`` as a whole, ``--max-wait-ms`` bounds the wait for a batch to fill; a batch as large as the previous one starts at once,
-    so a lone client waits only once (the first request, when there is no previous batch)."""
+    """For the requests answered by ``generate`` as a whole, ``--max-wait-ms`` bounds the wait for a batch to fill;
+    a batch as large as the previous one starts at once, so a lone client waits only once (the first request, when
+    there is no previous batch)."""
     wait = 4.0  # long against a tiny model's answer, so a loaded machine cannot blur the two cases
     # beam search: answered by generate as a whole, in batches (greedy and sampled requests join at the next step)
     url = in_process(max_batch_size=8, max_wait_ms=wait * 1000, preset="lynx-beam")

@@ -69,6 +69,38 @@ function setMedia(media) {
   newConversation(media ? `new conversation about ${media.name}` : "new conversation");
 }
 
+// the server's API key, asked for once (when the server answers 401) and kept in this browser
+const KEY_STORE = "lynx_zoo_api_key";
+
+function askForKey(message) {
+  return new Promise((resolve) => {
+    const form = $("key-form");
+    $("key-message").textContent = message;
+    form.hidden = false;
+    $("api-key").focus();
+    form.onsubmit = (event) => {
+      event.preventDefault();
+      const key = $("api-key").value.trim();
+      if (!key) return;
+      form.hidden = true;
+      $("api-key").value = "";
+      resolve(key);
+    };
+  });
+}
+
+// fetch with the API key; on a 401 the page asks for the key and tries again
+async function api(url, options = {}) {
+  for (;;) {
+    const key = localStorage.getItem(KEY_STORE);
+    const headers = {...(options.headers || {}), ...(key ? {Authorization: `Bearer ${key}`} : {})};
+    const response = await fetch(url, {...options, headers});
+    if (response.status !== 401) return response;
+    const body = await response.json();
+    localStorage.setItem(KEY_STORE, await askForKey(`${body.error.message} Enter this server's API key.`));
+  }
+}
+
 function readAsDataURL(blob) {
   return new Promise((resolve, reject) => {
     const reader = new FileReader();
