@@ -48,9 +48,10 @@ def decodes_per_step(settings: dict[str, Any]) -> bool:
 
 class Sampler:
     """Chooses a sequence's next token from its logits: the argmax (greedy), or a draw after transformers'
-    temperature / top-k / top-p / min-p / typical warpers, from the request's own generator (seeded when it says)."""
+    temperature / top-k / top-p / min-p / typical warpers (unset ones from the LLM's ``generation_config``, as
+    ``generate`` takes them), from the sequence's own generator (seeded when the request says)."""
 
-    def __init__(self, settings: dict[str, Any], defaults: Any) -> None:
+    def __init__(self, settings: dict[str, Any], defaults: Any, choice: int = 0) -> None:
         self.sample = bool(settings.get("do_sample", False))
         self.warpers = LogitsProcessorList()
         self.generator: torch.Generator | None = None
@@ -73,7 +74,8 @@ class Sampler:
             self.warpers.append(TypicalLogitsWarper(float(value("typical_p"))))
         self.generator = torch.Generator()
         seed = settings.get("seed")
-        self.generator.manual_seed(int(seed) if seed is not None else int(torch.randint(2**62, ()).item()))
+        # a seeded request repeats; its choices differ from each other
+        self.generator.manual_seed(int(seed) + choice if seed is not None else int(torch.randint(2**62, ()).item()))
 
     def __call__(self, ids: torch.Tensor, logits: torch.Tensor) -> int:
         """The next token of one sequence: ``ids`` ``(1, t)`` its tokens so far, ``logits`` ``(1, vocabulary)``."""

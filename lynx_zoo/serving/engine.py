@@ -304,7 +304,7 @@ class Engine:
                 self.metrics.time_to_first_token.observe(job.first_token_at - job.enqueued)
             rows, tokens = [], []
             for index in range(job.request.n):
-                sampler = Sampler(job.settings, model.llm.generation_config)
+                sampler = Sampler(job.settings, model.llm.generation_config, index)
                 token = sampler(torch.zeros(1, 0, dtype=torch.long), logits)
                 running = Running(job, index, sampler)
                 if self._advance(running, token):
