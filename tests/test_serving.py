@@ -56,22 +56,24 @@ def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-def post(url: str, body: bytes | dict, path: str = "/v1/chat/completions") -> tuple[int, dict, dict]:
+def post(
+    url: str, body: bytes | dict, path: str = "/v1/chat/completions", headers: dict[str, str] | None = None
+) -> tuple[int, dict, dict]:
     """A raw POST (so that malformed bodies can be sent): status, headers, decoded JSON body."""
     parts = urllib.parse.urlsplit(url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
     payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-    connection.request("POST", path, payload, {"Content-Type": "application/json"})
+    connection.request("POST", path, payload, {"Content-Type": "application/json", **(headers or {})})
     response = connection.getresponse()
     status, headers, data = response.status, dict(response.getheaders()), response.read()
     connection.close()
     return status, headers, json.loads(data)
 
 
-def get(url: str, path: str) -> tuple[int, dict, bytes]:
+def get(url: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict, bytes]:
     parts = urllib.parse.urlsplit(url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
-    connection.request("GET", path)
+    connection.request("GET", path, headers=headers or {})
     response = connection.getresponse()
     result = response.status, dict(response.getheaders()), response.read()
     connection.close()
@@ -146,32 +148,40 @@ def reference(model, question: str, path: Path | None, **settings: Any) -> str:
     return model.generate(images=None if path is None else [path], prompts=[question], **settings)[0]
 
 
-def test_concurrent_requests_are_batched_and_each_equals_generate(tiny_server, served_model, media_root):
-    """Fourteen clients at once: images (PNG, JPEG, WebP), videos, text only, streamed or not, all answered as
-    ``generate`` answers each alone; the server ran them in batches of one kind each."""
+def test_mixed_concurrent_traffic_is_batched_per_step_and_each_equals_generate(tiny_server, served_model, media_root):
+    """Fourteen clients at once, with different prompt lengths and ``max_tokens``: images (PNG, JPEG, WebP), videos,
+    text only, streamed or not. Each answer equals ``generate``'s on that request alone, token for token, whatever
+    else was decoded beside it; the server decoded several sequences per step."""
     before = json.loads(get(tiny_server.url, "/health")[2])
     names = ["scene0.png", "scene2.png", "astronaut.jpg", None, "coffee.webp", "clip.mp4", "scene3.png"]
+    questions = [*QUESTIONS, "is there a shape in the top left corner of this scene, and if so which colour is it?"]
     cases = [
-        (QUESTIONS[i % 3], None if names[i % 7] is None else media_root / names[i % 7], i % 2 == 0) for i in range(14)
+        (questions[i % 4], None if names[i % 7] is None else media_root / names[i % 7], i % 2 == 0, 1 + (5 * i) % 12)
+        for i in range(14)
     ]
 
-    def run(case) -> str:
-        question, path, stream = case
+    def run(case) -> tuple[str, int]:
+        question, path, stream, max_tokens = case
         messages = ask(question, None if path is None else media_part(path))
         api = client(tiny_server)
         if stream:
-            chunks = api.chat.completions.create(model="lynx-serve-tiny", messages=messages, stream=True)
-            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        return api.chat.completions.create(model="lynx-serve-tiny", messages=messages).choices[0].message.content
+            chunks = api.chat.completions.create(
+                model="lynx-serve-tiny", messages=messages, stream=True, max_tokens=max_tokens
+            )
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), -1
+        reply = api.chat.completions.create(model="lynx-serve-tiny", messages=messages, max_tokens=max_tokens)
+        return reply.choices[0].message.content, reply.usage.completion_tokens
 
     with ThreadPoolExecutor(len(cases)) as pool:
         answers = list(pool.map(run, cases))
-    for (question, path, _), answer in zip(cases, answers):
-        assert answer == reference(served_model, question, path), (question, path)
+    for (question, path, _, max_tokens), (answer, tokens) in zip(cases, answers):
+        assert answer == reference(served_model, question, path, max_new_tokens=max_tokens), (question, path)
+        assert tokens <= max_tokens
+    assert len({a for a, _ in answers}) > 3
     after = json.loads(get(tiny_server.url, "/health")[2])
     assert after["requests"] - before["requests"] == len(cases)
-    assert after["batches"] - before["batches"] < len(cases), "concurrent requests were not batched"
-    assert after["largest_batch"] > 1
+    assert after["steps"] > before["steps"] and after["largest_batch"] > 1, "concurrent requests were not batched"
+    assert after["batches"] == before["batches"]  # no request needed generate as a whole
 
 
 def test_generation_fields_map_onto_generate(tiny_server, served_model, media_root):
@@ -410,11 +420,13 @@ def in_process(served_model):
         yield serve
 
 
-def test_a_batch_starts_once_it_is_as_large_as_the_last_one(in_process):
-    """``--max-wait-ms`` bounds the wait for a batch to fill; a batch as large as the previous one starts at once,
-    so a lone client waits only once (the first request, when there is no previous batch)."""
+def test_a_whole_request_batch_starts_once_it_is_as_large_as_the_last_one(in_process):
+    """For the requests answered by ``generate`` as a whole, ``--max-wait-ms`` bounds the wait for a batch to fill;
+    a batch as large as the previous one starts at once, so a lone client waits only once (the first request, when
+    there is no previous batch)."""
     wait = 4.0  # long against a tiny model's answer, so a loaded machine cannot blur the two cases
-    url = in_process(max_batch_size=8, max_wait_ms=wait * 1000)
+    # beam search: answered by generate as a whole, in batches (greedy and sampled requests join at the next step)
+    url = in_process(max_batch_size=8, max_wait_ms=wait * 1000, preset="lynx-beam")
     body = {"messages": ask(QUESTIONS[1]), "max_tokens": 2}
     durations = []
     for _ in range(3):
@@ -491,16 +503,16 @@ def test_full_queue_answers_503_with_retry_after(in_process, served_model):
 
 def test_a_failure_inside_one_request_spares_the_rest_of_its_batch(in_process, served_model):
     """A request that makes generation fail (here: a prompt with an out-of-vocabulary word, on a model that
-    refuses those) fails alone; the requests batched with it are answered."""
+    refuses those) fails alone; the requests decoded with it are answered."""
     unknown = served_model.tokenizer.unk_token_id
-    generate_ids = served_model.generate_ids
+    fused = served_model.fused
 
     def refusing_unknown_words(input_ids, *args, **kwargs):
         if (input_ids == unknown).any():
             raise RuntimeError("this model refuses unknown words")
-        return generate_ids(input_ids, *args, **kwargs)
+        return fused(input_ids, *args, **kwargs)
 
-    served_model.generate_ids = refusing_unknown_words
+    served_model.fused = refusing_unknown_words
     try:
         url = in_process(max_batch_size=8, max_wait_ms=500)
         questions = [QUESTIONS[0], "what is a zebra?", QUESTIONS[1], QUESTIONS[2]]
@@ -508,14 +520,14 @@ def test_a_failure_inside_one_request_spares_the_rest_of_its_batch(in_process, s
             replies = list(pool.map(lambda q: post(url, {"messages": ask(q)}), questions))
         health = json.loads(get(url, "/health")[2])
     finally:
-        del served_model.generate_ids
+        del served_model.fused
     for question, (status, _, reply) in zip(questions, replies):
         if question == "what is a zebra?":
             assert status == 500 and "this model refuses unknown words" in reply["error"]["message"]
         else:
             assert status == 200
             assert reply["choices"][0]["message"]["content"] == served_model.generate(prompts=[question])[0]
-    assert health["failed_batches"] == 2  # the batch of four, then the one request alone
+    assert health["failed_batches"] == 1  # its prefill, at admission
 
 
 def test_a_stream_whose_client_goes_away_stops_generating(in_process, media_root):
@@ -620,3 +632,79 @@ def test_serve_command_line_errors(served_variant, capsys):
     with pytest.raises(SystemExit):
         main(["--port", "0"])
     assert "--variant" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- keys and metrics
+def test_api_key_is_required_everywhere_but_health(in_process, served_model, tmp_path, monkeypatch):
+    """With keys set (a flag, the environment variable, a file of keys), a request without a key or with a wrong
+    one is a 401 in OpenAI's error format; with any of the keys, a 200; ``/health`` needs none."""
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# one a line\nfile-key-1\n\nfile-key-2\n")
+    monkeypatch.setenv("LYNX_ZOO_API_KEY", "env-key")
+    url = in_process(api_key_file=keys)
+    body = {"messages": ask(QUESTIONS[1]), "max_tokens": 3}
+    expected = served_model.generate(prompts=[QUESTIONS[1]], max_new_tokens=3)[0]
+    status, headers, reply = post(url, body)
+    assert status == 401 and headers["www-authenticate"] == "Bearer"
+    assert reply["error"]["type"] == "invalid_request_error" and "API key" in reply["error"]["message"]
+    status, _, reply = post(url, body, headers={"Authorization": "Bearer not-a-key"})
+    assert status == 401 and reply["error"]["message"] == "Incorrect API key provided."
+    for key in ("env-key", "file-key-1", "file-key-2"):
+        status, _, reply = post(url, body, headers={"Authorization": f"Bearer {key}"})
+        assert status == 200 and reply["choices"][0]["message"]["content"] == expected
+    for path in ("/v1/models", "/info", "/metrics", "/examples/scene0.png"):
+        assert get(url, path)[0] == 401, path
+        assert get(url, path, {"Authorization": "Bearer env-key"})[0] in (200, 404), path
+    assert get(url, "/health")[0] == 200
+    assert get(url, "/")[0] == 200  # the chat page, which asks for the key
+    with pytest.raises(openai.AuthenticationError, match="Incorrect API key"):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+    api = openai.OpenAI(base_url=url + "/v1", api_key="file-key-2", max_retries=0)
+    assert api.chat.completions.create(model="", **body).choices[0].message.content == expected
+
+
+def test_a_non_loopback_host_without_a_key_is_refused(served_variant, capsys, monkeypatch):
+    from lynx_zoo.serving import ServeSettings, main
+
+    monkeypatch.delenv("LYNX_ZOO_API_KEY", raising=False)
+    for host in ("0.0.0.0", "::", "192.168.1.7", "example.org"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--variant", str(served_variant), "--host", host, "--port", "0"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"refusing to listen on {host} (not loopback) without an API key" in err
+    for host in ("127.0.0.1", "::1", "localhost"):
+        assert ServeSettings(variant="x", host=host).api_keys() == frozenset()
+    assert ServeSettings(variant="x", host="0.0.0.0", api_key="k").api_keys() == {"k"}
+    assert ServeSettings(variant="x", host="0.0.0.0", insecure_no_auth=True).insecure_no_auth
+    monkeypatch.setenv("LYNX_ZOO_API_KEY", "from-env")
+    assert ServeSettings(variant="x", host="0.0.0.0").api_keys() == {"from-env"}
+
+
+def test_metrics_count_requests_tokens_and_batches(in_process, served_model):
+    """``/metrics`` in Prometheus' text format: requests by status, tokens, queue length, running sequences, and the
+    latency, time-to-first-token and batch-occupancy histograms, matching what was served."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = in_process(max_batch_size=8)
+    bodies = [{"messages": ask(QUESTIONS[i % 3]), "max_tokens": 2 + i} for i in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(lambda b: post(url, b), bodies))
+    assert post(url, {"messages": []})[0] == 400
+    status, headers, text = get(url, "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text.decode())
+        for s in family.samples
+    }
+    assert samples[("lynx_requests_total", (("status", "200"),))] == 6
+    assert samples[("lynx_requests_total", (("status", "400"),))] == 1
+    completion = sum(r["usage"]["completion_tokens"] for _, _, r in replies)
+    assert samples[("lynx_completion_tokens_total", ())] == completion
+    assert samples[("lynx_prompt_tokens_total", ())] == sum(r["usage"]["prompt_tokens"] for _, _, r in replies)
+    assert samples[("lynx_queue_length", ())] == 0 and samples[("lynx_running_sequences", ())] == 0
+    assert samples[("lynx_request_latency_seconds_count", ())] == 6
+    assert samples[("lynx_time_to_first_token_seconds_count", ())] == 6
+    steps = samples[("lynx_batch_occupancy_count", ())]
+    assert steps > 0 and samples[("lynx_batch_occupancy_sum", ())] == completion - 6  # the first tokens: prefill
+    assert samples[("lynx_decode_step_seconds_count", ())] == steps

@@ -164,3 +164,35 @@ def model_id(server) -> str:
 def _example_png(url: str, name: str) -> bytes:
     with urllib.request.urlopen(f"{url}/examples/{name}.png", timeout=10) as response:
         return response.read()
+
+
+def test_chat_page_asks_for_the_api_key_once(browser, start_server, served_variant, served_model):
+    """A server started with ``--api-key``: the page asks for the key (a wrong one is asked for again), keeps it,
+    and answers as ``generate`` does; after a reload it does not ask again."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server = start_server("--variant", str(served_variant), "--api-key", "page-key")
+    driver = browser
+    driver.get(server.url + "/")
+
+    def enter(key: str) -> None:
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "key-form").is_displayed())
+        box = driver.find_element(By.ID, "api-key")
+        box.send_keys(key)
+        driver.find_element(By.ID, "key-submit").click()
+
+    enter("wrong-key")
+    WebDriverWait(driver, 30).until(
+        lambda d: (
+            "Incorrect API key" in d.find_element(By.ID, "key-message").text
+            and d.find_element(By.ID, "key-form").is_displayed()
+        )
+    )
+    enter("page-key")
+    WebDriverWait(driver, 30).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
+    question = "how many shapes are there?"
+    assert _ask(driver, question, 1) == served_model.generate(prompts=[question])[0]
+    driver.refresh()
+    WebDriverWait(driver, 30).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
+    assert not driver.find_element(By.ID, "key-form").is_displayed()

@@ -1,4 +1,4 @@
-"""Serving a variant: an OpenAI-compatible server (FastAPI + uvicorn) with dynamic batching and a chat page.
+"""Serving a variant: an OpenAI-compatible server (FastAPI + uvicorn) with continuous batching and a chat page.
 
 ``python -m lynx_zoo serve --variant lynx-demo`` (docs/serving.md). From Python,
 :func:`lynx_zoo.serving.app.create_app` builds the application of a loaded model and

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from lynx_zoo.generation import generation_settings
 from lynx_zoo.serving.engine import Delta, Engine, Failed, Finished, Job, Overloaded
 from lynx_zoo.serving.examples import example_scenes
 from lynx_zoo.serving.media import MediaPolicy, load_media, reads_quickly
+from lynx_zoo.serving.metrics import ServeMetrics
 from lynx_zoo.serving.protocol import (
     RequestError,
     chunk_body,
@@ -33,6 +35,17 @@ from lynx_zoo.serving.protocol import (
 from lynx_zoo.serving.settings import ServeSettings
 
 STATIC = Path(__file__).parent / "static"
+#: what answers without an API key: the health check, and the chat page's own files (which ask for the key)
+PUBLIC_PATHS = ("/health", "/")
+PUBLIC_PREFIXES = ("/static/",)
+
+
+def authorized(header: str | None, keys: frozenset[str]) -> bool:
+    """Whether an ``Authorization`` header carries one of ``keys`` as a bearer token (compared in constant time)."""
+    if not header or not header.startswith("Bearer "):
+        return False
+    token = header.removeprefix("Bearer ").strip().encode()
+    return any(hmac.compare_digest(token, key.encode()) for key in keys)
 
 
 async def read_json(request: Request, max_bytes: int) -> Any:
@@ -107,9 +120,19 @@ async def _stream(job: Job, request_id: str, model: str) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
+async def _timed(chunks: AsyncIterator[str], metrics: ServeMetrics) -> AsyncIterator[str]:
+    """A stream's chunks; its latency (to the last chunk) goes to the metrics."""
+    started = time.monotonic()
+    async for chunk in chunks:
+        yield chunk
+    metrics.latency.observe(time.monotonic() - started)
+
+
 def create_app(model: LynxModel, settings: ServeSettings, served_name: str) -> FastAPI:
     """The server of ``model`` (in eval mode, on its device) under the id ``served_name``."""
-    engine = Engine(model, settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue)
+    metrics = ServeMetrics(queued=lambda: engine.queued, running=lambda: engine.running)
+    engine = Engine(model, settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue, metrics)
+    keys = settings.api_keys()
     policy = MediaPolicy.from_settings(settings, model.vision_config.num_frames)
     defaults = generation_settings(settings.preset, model.eval_generation, {})
     scenes = example_scenes(model.vision_config.image_size)
@@ -125,6 +148,29 @@ def create_app(model: LynxModel, settings: ServeSettings, served_name: str) -> F
 
     app = FastAPI(title=f"lynx_zoo: {served_name}", lifespan=lifespan)
     app.state.engine = engine
+    app.state.metrics = metrics
+
+    @app.middleware("http")
+    async def require_key(request: Request, call_next: Any) -> Response:
+        path = request.url.path
+        if keys and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
+            if not authorized(request.headers.get("authorization"), keys):
+                message = (
+                    "Incorrect API key provided."
+                    if request.headers.get("authorization")
+                    else "You didn't provide an API key: send it as `Authorization: Bearer KEY`."
+                )
+                response = _error(401, message, "invalid_request_error", {"WWW-Authenticate": "Bearer"})
+                if path == "/v1/chat/completions":
+                    metrics.requests.labels("401").inc()
+                return response
+        started = time.monotonic()
+        response = await call_next(request)
+        if path == "/v1/chat/completions":
+            metrics.requests.labels(str(response.status_code)).inc()
+            if response.status_code == 200 and not isinstance(response, StreamingResponse):
+                metrics.latency.observe(time.monotonic() - started)
+        return response
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, err: RequestError) -> JSONResponse:
@@ -164,7 +210,7 @@ def create_app(model: LynxModel, settings: ServeSettings, served_name: str) -> F
         if chat.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(
-                _stream(job, request_id, served_name), media_type="text/event-stream", headers=headers
+                _timed(_stream(job, request_id, served_name), metrics), media_type="text/event-stream", headers=headers
             )
         try:
             return await _complete(job, request_id, served_name)
@@ -180,6 +226,11 @@ def create_app(model: LynxModel, settings: ServeSettings, served_name: str) -> F
             "model": served_name,
             "queued": engine.queued,
             "requests": stats.requests,
+            "running": engine.running,
+            "steps": stats.steps,
+            "mean_step_rows": round(stats.mean_step_rows, 3),
+            "step_rows": {str(k): v for k, v in sorted(stats.step_rows.items())},
+            "recent_step_seconds": round(stats.step_seconds, 5),
             "batches": stats.batches,
             "failed_batches": stats.failed_batches,
             "dropped_sequences": stats.dropped_sequences,
@@ -187,6 +238,11 @@ def create_app(model: LynxModel, settings: ServeSettings, served_name: str) -> F
             "batch_sizes": {str(k): v for k, v in sorted(stats.batch_sizes.items())},
             "recent_batch_seconds": round(stats.batch_seconds, 4),
         }
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        """Prometheus' text format: requests, tokens, queue length, batch occupancy, latency histograms."""
+        return Response(metrics.exposition(), media_type=metrics.content_type)
 
     @app.get("/info")
     async def info() -> dict[str, Any]:

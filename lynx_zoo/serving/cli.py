@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from lynx_zoo.hub import load_model
-from lynx_zoo.serving.settings import ServeSettings, parse_settings
+from lynx_zoo.serving.settings import ServeSettings, is_loopback, parse_settings
 
 
 def served_name_of(variant: str) -> str:
@@ -39,15 +39,22 @@ def serve(settings: ServeSettings) -> None:
     from lynx_zoo.serving.app import create_app
     from lynx_zoo.serving.server import base_url, bind_socket, uvicorn_server
 
+    if settings.insecure_no_auth and not settings.api_keys() and not is_loopback(settings.host):
+        print(f"serve: warning: listening on {settings.host} without an API key (--insecure-no-auth)", file=sys.stderr)
     threads = settings.threads or default_threads()
     torch.set_num_threads(threads)
     sock = bind_socket(settings.host, settings.port)
     model = load_model(settings.variant, device=settings.device, dtype=settings.dtype)  # in eval mode
     name = settings.served_name or served_name_of(settings.variant)
     app = create_app(model, settings, name)
-    batching = f"batches of up to {settings.max_batch_size}" if settings.max_batch_size > 1 else "batching off"
+    batching = (
+        f"continuous batching of up to {settings.max_batch_size} sequences"
+        if settings.max_batch_size > 1
+        else "batching off"
+    )
     threading = f"{threads} torch thread" + ("s" if threads > 1 else "")
-    print(f"serving {name} on {base_url(sock)} ({batching}, {threading}; chat page at /)", flush=True)
+    auth = "API key required" if settings.api_keys() else "no API key"
+    print(f"serving {name} on {base_url(sock)} ({batching}, {threading}, {auth}; chat page at /)", flush=True)
     uvicorn_server(app, access_log=settings.access_log).run(sockets=[sock])
 
 

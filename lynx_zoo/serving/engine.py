@@ -1,10 +1,16 @@
-"""Dynamic batching: requests wait in a bounded queue, one thread runs the model on batches of them.
+"""The engine: requests wait in a bounded queue; one thread schedules the model a decode step at a time.
 
-A batch holds requests of one kind (images, videos or text only) and one set of generation settings, since
-``generate`` takes one media tensor and one configuration. With greedy or sampled decoding (one beam) the
-requests of a batch may ask for different ``max_tokens``: each sequence stops at its own budget, and its answer
-is delivered the moment it ends (streamed token by token when asked), not when the longest one ends.
-A batch that fails is run again request by request, so only the request at fault gets the error.
+Requests with one beam and the settings a decode step honours (greedy or sampled, any ``max_tokens``: most
+requests) are batched at the token level (continuous batching): at every step the engine admits queued requests
+while the batch has room, prefills each alone (its images or videos through the tower once, then its prompt's
+input embeddings through the LLM) and splices it into the running batch (:class:`~lynx_zoo.serving.decoding.
+DecodeBatch`); one LLM forward then decodes one token of every running sequence. A sequence that ends (its
+end-of-sequence token or its ``max_tokens``) is delivered and leaves the batch at that step; a request that
+arrives meanwhile joins at the next one. Greedy answers equal ``generate``'s, token for token.
+
+Other requests (beam search, repetition penalties, cross-attention models with media) are answered by ``generate``
+as a whole, in batches of one kind and one set of settings, when no sequence is running. A batch that fails is
+run again request by request, so only the request at fault gets the error.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from lynx_zoo.data.processor import Sample
 from lynx_zoo.fusion.base import LynxModel
+from lynx_zoo.serving.decoding import DecodeBatch, Sampler, decodes_per_step
+from lynx_zoo.serving.metrics import ServeMetrics
 from lynx_zoo.serving.protocol import ChatRequest
 
 log = logging.getLogger(__name__)
@@ -83,6 +91,7 @@ class Job:
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     prompt_tokens: int = 0
+    first_token_at: float | None = None
     choices: list[ChoiceState] = field(default_factory=list)
     batch_key: tuple = field(init=False)  # requests with equal keys can share a batch
 
@@ -108,44 +117,74 @@ class EngineStats:
     """What the engine has done (``GET /health``)."""
 
     requests: int = 0
-    batches: int = 0
+    steps: int = 0  # decode steps of the token-level batch
+    batches: int = 0  # whole-request batches (beam search and the like)
     failed_batches: int = 0
     dropped_sequences: int = 0  # stopped early because their client went away
-    batch_sizes: Counter = field(default_factory=Counter)
-    batch_seconds: float = 0.0  # moving average of one batch's wall time
+    step_rows: Counter = field(default_factory=Counter)  # sequences per decode step
+    batch_sizes: Counter = field(default_factory=Counter)  # requests per whole-request batch
+    batch_seconds: float = 0.0  # moving average of one whole-request batch's wall time
+    step_seconds: float = 0.0  # moving average of one decode step's wall time
 
     @property
     def largest_batch(self) -> int:
-        return max(self.batch_sizes, default=0)
+        return max([*self.batch_sizes, *self.step_rows], default=0)
 
-    def record(self, size: int, seconds: float) -> None:
+    @property
+    def mean_step_rows(self) -> float:
+        return sum(k * v for k, v in self.step_rows.items()) / max(1, self.steps)
+
+    def record_batch(self, size: int, seconds: float) -> None:
         self.requests += size
         self.batches += 1
         self.batch_sizes[size] += 1
         self.batch_seconds = seconds if self.batches == 1 else 0.8 * self.batch_seconds + 0.2 * seconds
 
+    def record_step(self, rows: int, seconds: float) -> None:
+        self.steps += 1
+        self.step_rows[rows] += 1
+        self.step_seconds = seconds if self.steps == 1 else 0.95 * self.step_seconds + 0.05 * seconds
+
+
+@dataclass(eq=False)
+class Running:
+    """One sequence in the decode batch: choice ``index`` of ``job``, and how it picks its tokens."""
+
+    job: Job
+    index: int
+    sampler: Sampler
+
 
 class Engine:
-    """Runs a model on batches of queued requests in one background thread.
+    """Runs a model on the queued requests in one background thread (continuous batching, see the module).
 
     Args:
         model: the model, in eval mode, on its device.
-        max_batch_size: sequences generated together at most (a request asks for ``n``); 1 turns batching off.
-        max_wait_s: how long a batch waits at most for requests to fill it, from its oldest request's arrival or
-            from the end of the previous batch, whichever is later; it starts earlier when it holds as many
-            sequences as the previous batch did.
+        max_batch_size: sequences decoded together at most (a request asks for ``n``); 1 turns batching off.
+        max_wait_s: for whole-request batches only: how long a batch waits at most for requests to fill it, from
+            its oldest request's arrival or from the end of the previous batch, whichever is later; it starts
+            earlier when it holds as many sequences as the previous batch did.
         max_queue: requests waiting at most; :meth:`submit` raises :class:`Overloaded` beyond.
+        metrics: the Prometheus metrics to keep up to date (none: not kept).
     """
 
-    def __init__(self, model: LynxModel, max_batch_size: int, max_wait_s: float, max_queue: int) -> None:
+    def __init__(
+        self,
+        model: LynxModel,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue: int,
+        metrics: ServeMetrics | None = None,
+    ) -> None:
         self.model = model
         self.max_batch_size, self.max_wait_s, self.max_queue = max_batch_size, max_wait_s, max_queue
+        self.metrics = metrics
         self.stats = EngineStats()
-        # a batch starts as soon as it is as large as the previous one (as many as the clients keeping the server
-        # busy, so a lone client does not wait), or when its oldest request has waited max_wait_s
         self._expected_rows = max_batch_size
         self._free_since = 0.0
         self._pending: deque[Job] = deque()
+        self._batch = DecodeBatch(model.llm)
+        self._running: list[Running] = []
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -156,7 +195,7 @@ class Engine:
         self._thread.start()
 
     def close(self) -> None:
-        """Stop after the batch in progress; requests still queued get a :class:`Failed` event."""
+        """Stop after the step in progress; requests still queued or running get a :class:`Failed` event."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -165,13 +204,25 @@ class Engine:
         with self._cond:
             while self._pending:
                 self._pending.popleft().emit(Failed("the server is shutting down"))
+        for job in {r.job for r in self._running}:
+            job.emit(Failed("the server is shutting down"))
+        self._running = []
+        self._batch.clear()
 
     @property
     def queued(self) -> int:
         return len(self._pending)
 
+    @property
+    def running(self) -> int:
+        """Sequences in the decode batch now."""
+        return len(self._running)
+
     def retry_after(self) -> int:
-        """Seconds until the queue has room, about: the batches ahead times a batch's time."""
+        """Seconds until the queue has room, about: the requests ahead times a request's share of the engine."""
+        if self.stats.steps:
+            tokens = sum(j.budget * j.request.n for j in self._pending)
+            return max(1, math.ceil(tokens / self.max_batch_size * self.stats.step_seconds))
         batches_ahead = len(self._pending) / self.max_batch_size + 1
         return max(1, math.ceil(batches_ahead * self.stats.batch_seconds))
 
@@ -193,36 +244,152 @@ class Engine:
             self._pending.append(job)
             self._cond.notify()
 
+    def per_step(self, job: Job) -> bool:
+        """Whether ``job`` is decoded in the token-level batch (else by ``generate`` as a whole)."""
+        return decodes_per_step(job.settings) and (job.media is None or self.model.media_in_sequence)
+
     # ------------------------------------------------------------------ the engine thread
     def _run_forever(self) -> None:
-        while (batch := self._take_batch()) is not None:
-            self._run_isolated(batch)
-            self._free_since = time.monotonic()
+        while True:
+            with self._cond:
+                while True:
+                    while self._pending and self._pending[0].cancelled:
+                        self._pending.popleft()
+                    if self._closed:
+                        return
+                    if self._pending or self._running:
+                        break
+                    self._cond.wait()
+                admitted = self._admissions()
+                whole = self._take_batch() if not admitted and not self._running else None
+            for job in admitted:
+                self._admit(job)
+            if whole:
+                self._run_isolated(whole)
+                self._free_since = time.monotonic()
+            if self._running:
+                self._step()
 
+    def _admissions(self) -> list[Job]:
+        """The queued requests that join the decode batch now, oldest first, while it has room: up to the first
+        whole-request one (which runs once the batch is empty, so that it is not overtaken forever)."""
+        admitted, rows = [], len(self._running)
+        while self._pending:
+            job = self._pending[0]
+            if job.cancelled:
+                self._pending.popleft()
+                continue
+            if not self.per_step(job) or rows + job.request.n > self.max_batch_size:
+                break
+            admitted.append(self._pending.popleft())
+            rows += job.request.n
+        return admitted
+
+    def _admit(self, job: Job) -> None:
+        """Prefill a request (its media through the tower, once) and put its choices into the decode batch; a
+        choice that ends at its first token is delivered at once."""
+        model = self.model
+        try:
+            prompt = model.processor.prompts([Sample(job.request.instruction, history=job.request.history)])
+            ids, mask = prompt["input_ids"].to(model.device), prompt["attention_mask"].to(model.device)
+            job.prompt_tokens = int(mask.sum())
+            if self.metrics is not None:
+                self.metrics.prompt_tokens.inc(job.prompt_tokens)
+            media = None if job.media is None else job.media[None].to(model.device)
+            with torch.no_grad(), model.fused(ids, mask, media) as inputs:
+                cache, logits = self._batch.prefill(inputs)
+                full_mask = inputs.attention_mask
+            job.first_token_at = time.monotonic()
+            if self.metrics is not None:
+                self.metrics.time_to_first_token.observe(job.first_token_at - job.enqueued)
+            rows, tokens = [], []
+            for index in range(job.request.n):
+                sampler = Sampler(job.settings, model.llm.generation_config, index)
+                token = sampler(torch.zeros(1, 0, dtype=torch.long), logits)
+                running = Running(job, index, sampler)
+                if self._advance(running, token):
+                    rows.append(running)
+                    tokens.append(token)
+            if rows:
+                self._batch.add(cache, full_mask, tokens)
+                self._running.extend(rows)
+        except Exception as err:  # one request's failure must not reach the others
+            self.stats.failed_batches += 1
+            log.exception("prefill failed for one request")
+            job.emit(Failed(f"generation failed: {type(err).__name__}: {err}"))
+            return
+        self.stats.requests += 1
+
+    def _advance(self, running: Running, token: int) -> bool:
+        """Record a sequence's new token; deliver it when it ends (or drop it when its client went away).
+        Returns whether it goes on."""
+        job, index = running.job, running.index
+        choice = job.choices[index]
+        choice.ids.append(token)
+        if job.cancelled:
+            self.stats.dropped_sequences += 1
+            return False
+        if token == self.model.tokenizer.eos_token_id or len(choice.ids) >= job.budget:
+            self.finish(job, index)
+            return False
+        if job.request.stream:
+            self.stream_delta(job, index)
+        return True
+
+    def _step(self) -> None:
+        """One decode step of every running sequence; the ones that end leave the batch."""
+        started = time.perf_counter()
+        rows = len(self._running)
+        try:
+            with torch.no_grad():
+                logits = self._batch.step()
+                greedy = logits.argmax(-1).tolist()
+                tokens = []
+                for r, running in enumerate(self._running):
+                    if running.sampler.sample:
+                        ids = torch.tensor([running.job.choices[running.index].ids], dtype=torch.long)
+                        tokens.append(running.sampler(ids, logits[r : r + 1]))
+                    else:
+                        tokens.append(greedy[r])
+        except Exception as err:  # the step failed: every running sequence fails, the engine goes on
+            self.stats.failed_batches += 1
+            log.exception("a decode step of %d sequences failed", rows)
+            for job in {r.job: None for r in self._running}:
+                job.emit(Failed(f"generation failed: {type(err).__name__}: {err}"))
+            self._running = []
+            self._batch.clear()
+            return
+        keep = [r for r, running in enumerate(self._running) if self._advance(running, tokens[r])]
+        if len(keep) < rows:
+            self._batch.keep(keep)
+            self._running = [self._running[r] for r in keep]
+        self._batch.tokens = torch.tensor([tokens[r] for r in keep], dtype=torch.long, device=self._batch.mask.device)
+        seconds = time.perf_counter() - started
+        self.stats.record_step(rows, seconds)
+        if self.metrics is not None:
+            self.metrics.batch_occupancy.observe(rows)
+            self.metrics.step_seconds.observe(seconds)
+
+    # ------------------------------------------------------------------ whole requests (beam search, ...)
     def _take_batch(self) -> list[Job] | None:
-        with self._cond:
-            while True:
-                while self._pending and self._pending[0].cancelled:
-                    self._pending.popleft()
-                if self._closed:
-                    return None
-                if self._pending:
-                    break
-                self._cond.wait()
-            head = self._pending[0]
-            # waiting for the batch to fill starts when the request arrived or, if the engine was busy then, when
-            # the engine became free: the clients of the batch that just ended are about to send their next requests
-            deadline = max(head.enqueued, self._free_since) + self.max_wait_s
-            while True:
-                batch, rows = self._compatible_with(head)
-                remaining = deadline - time.monotonic()
-                if rows >= self._expected_rows or remaining <= 0 or self._closed:
-                    break
-                self._cond.wait(remaining)
-            for job in batch:
-                self._pending.remove(job)
-            self._expected_rows = min(self.max_batch_size, rows)
-            return batch
+        """A whole-request batch headed by the oldest queued request (called with the lock held, when no sequence
+        is running and the head cannot be decoded per step)."""
+        if not self._pending:
+            return None
+        head = self._pending[0]
+        # waiting for the batch to fill starts when the request arrived or, if the engine was busy then, when
+        # the engine became free: the clients of the batch that just ended are about to send their next requests
+        deadline = max(head.enqueued, self._free_since) + self.max_wait_s
+        while True:
+            batch, rows = self._compatible_with(head)
+            remaining = deadline - time.monotonic()
+            if rows >= self._expected_rows or remaining <= 0 or self._closed:
+                break
+            self._cond.wait(remaining)
+        for job in batch:
+            self._pending.remove(job)
+        self._expected_rows = min(self.max_batch_size, rows)
+        return batch
 
     def _compatible_with(self, head: Job) -> tuple[list[Job], int]:
         """``head`` and the queued requests that can join its batch, oldest first, and their sequences."""
@@ -276,7 +443,7 @@ class Engine:
             if not job.choices[index].finished:  # beam search, or a stop that the tracker did not see
                 job.choices[index].ids = row
                 self.finish(job, index)
-        self.stats.record(len(jobs), time.perf_counter() - started)
+        self.stats.record_batch(len(jobs), time.perf_counter() - started)
 
     # ------------------------------------------------------------------ per sequence
     def _text(self, ids: list[int]) -> str:
@@ -306,6 +473,8 @@ class Engine:
             job.emit(Delta(index, text[len(choice.sent) :]))
             choice.sent = text
         choice.finished = True
+        if self.metrics is not None:
+            self.metrics.completion_tokens.inc(len(ids))
         job.emit(Finished(index, text, reason, len(ids)))
 
 

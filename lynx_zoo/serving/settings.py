@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,6 +16,17 @@ from typing import Any
 from lynx_zoo.generation import GENERATION_PRESETS
 
 MiB = 1024 * 1024
+API_KEY_ENV = "LYNX_ZOO_API_KEY"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (``127.0.0.1``, ``::1``, ``localhost``): reachable from here only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
 
 
 @dataclass
@@ -25,6 +38,20 @@ class ServeSettings:
     )
     host: str = field(default="127.0.0.1", metadata={"help": "the address to listen on"})
     port: int = field(default=8000, metadata={"help": "the port (0: any free port; the chosen one is printed)"})
+    api_key: str | None = field(
+        default=None,
+        metadata={
+            "help": f"the key clients must send as `Authorization: Bearer KEY` (default: ${API_KEY_ENV}; none: no key "
+            "is checked, allowed on loopback only)"
+        },
+    )
+    api_key_file: Path | None = field(
+        default=None, metadata={"help": "a file of accepted keys, one a line (blank lines and # comments ignored)"}
+    )
+    insecure_no_auth: bool = field(
+        default=False,
+        metadata={"help": "listen on a non-loopback host without an API key (anyone reaching it uses it)"},
+    )
     device: str = field(default="cpu", metadata={"help": "where the model runs (cpu, cuda, cuda:1, ...)"})
     dtype: str | None = field(
         default=None, metadata={"help": "the LLM's weight dtype (e.g. bfloat16); default: as saved"}
@@ -72,6 +99,19 @@ class ServeSettings:
     max_video_bytes: int = field(default=50 * MiB, metadata={"help": "the largest video file, in bytes"})
 
     def __post_init__(self) -> None:
+        if self.api_key is None:
+            self.api_key = os.environ.get(API_KEY_ENV) or None
+        if self.api_key_file is not None:
+            self.api_key_file = Path(self.api_key_file).expanduser()
+            if not self.api_key_file.is_file():
+                raise ValueError(f"serve: --api-key-file {self.api_key_file} is not a file")
+            if not self._file_keys():
+                raise ValueError(f"serve: --api-key-file {self.api_key_file} holds no key (one a line)")
+        if not is_loopback(self.host) and not self.api_keys() and not self.insecure_no_auth:
+            raise ValueError(
+                f"serve: refusing to listen on {self.host} (not loopback) without an API key: anyone reaching the port "
+                f"would use the model. Give --api-key KEY (or ${API_KEY_ENV}, or --api-key-file), or --insecure-no-auth"
+            )
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"serve: --threads must be at least 1, got {self.threads}")
         for name in ("max_batch_size", "max_queue", "max_tokens_limit", "max_n", "max_image_bytes", "max_image_pixels"):
@@ -85,6 +125,16 @@ class ServeSettings:
             self.media_root = Path(self.media_root).expanduser().resolve()
             if not self.media_root.is_dir():
                 raise ValueError(f"serve: --media-root {self.media_root} is not a folder")
+
+    def _file_keys(self) -> list[str]:
+        if self.api_key_file is None:
+            return []
+        lines = self.api_key_file.read_text(encoding="utf-8").splitlines()
+        return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+    def api_keys(self) -> frozenset[str]:
+        """The keys a client may send (empty: none is checked)."""
+        return frozenset(([self.api_key] if self.api_key else []) + self._file_keys())
 
     @property
     def max_request_bytes(self) -> int:

@@ -69,6 +69,38 @@ function setMedia(media) {
   newConversation(media ? `new conversation about ${media.name}` : "new conversation");
 }
 
+// the server's API key, asked for once (when the server answers 401) and kept in this browser
+const KEY_STORE = "lynx_zoo_api_key";
+
+function askForKey(message) {
+  return new Promise((resolve) => {
+    const form = $("key-form");
+    $("key-message").textContent = message;
+    form.hidden = false;
+    $("api-key").focus();
+    form.onsubmit = (event) => {
+      event.preventDefault();
+      const key = $("api-key").value.trim();
+      if (!key) return;
+      form.hidden = true;
+      $("api-key").value = "";
+      resolve(key);
+    };
+  });
+}
+
+// fetch with the API key; on a 401 the page asks for the key and tries again
+async function api(url, options = {}) {
+  for (;;) {
+    const key = localStorage.getItem(KEY_STORE);
+    const headers = {...(options.headers || {}), ...(key ? {Authorization: `Bearer ${key}`} : {})};
+    const response = await fetch(url, {...options, headers});
+    if (response.status !== 401) return response;
+    const body = await response.json();
+    localStorage.setItem(KEY_STORE, await askForKey(`${body.error.message} Enter this server's API key.`));
+  }
+}
+
 function readAsDataURL(blob) {
   return new Promise((resolve, reject) => {
     const reader = new FileReader();
@@ -79,7 +111,7 @@ function readAsDataURL(blob) {
 }
 
 async function pickExample(example, button) {
-  const blob = await (await fetch(example.url)).blob();
+  const blob = await (await api(example.url)).blob();
   document.querySelectorAll("#examples button").forEach((b) => b.classList.remove("selected"));
   button.classList.add("selected");
   $("file-input").value = "";
@@ -162,7 +194,7 @@ async function ask(question) {
   answer.dataset.state = "streaming";
   let text = "";
   let finish = null;
-  const response = await fetch("/v1/chat/completions", {
+  const response = await api("/v1/chat/completions", {
     method: "POST",
     headers: {"Content-Type": "application/json"},
     body: JSON.stringify({model: state.model, messages, stream: true, ...generationFields()}),
@@ -213,7 +245,7 @@ async function submit(event) {
 }
 
 async function start() {
-  const info = await (await fetch("/info")).json();
+  const info = await (await api("/info")).json();
   state.model = info.model;
   $("model-name").textContent = `${info.model} (${info.fusion})`;
   document.title = `${info.model}: lynx_zoo chat`;
@@ -230,7 +262,7 @@ async function start() {
     button.dataset.name = example.name;
     button.title = example.name;
     const image = element("img");
-    image.src = example.url;
+    api(example.url).then((r) => r.blob()).then((blob) => { image.src = URL.createObjectURL(blob); });
     image.alt = example.name;
     button.appendChild(image);
     button.addEventListener("click", () => pickExample(example, button));
