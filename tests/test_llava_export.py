@@ -1,0 +1,126 @@
+"""Export to transformers' LLaVA layout: the folder loads and answers in a process without lynx_zoo exactly as the
+lynx_zoo model does; what would compute something else is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from lynx_zoo import AdapterConfig, BridgeConfig, LLMConfig, PrefixLynx, PromptConfig, VisionConfig
+from lynx_zoo.data.processor import Sample
+from lynx_zoo.hub.llava_format import NotExportableError, export_llava
+
+from conftest import REPO, tiny_configs
+
+WORKER = Path(__file__).with_name("llava_worker.py")
+QUESTIONS = ["what color is the circle?", "how many shapes are there in this picture of shapes?"]
+
+
+def _images(root: Path) -> list[Path]:
+    """Two images of different sizes and aspect ratios (resized and centre-cropped by both sides)."""
+    rng = np.random.RandomState(3)
+    paths = []
+    for i, (h, w) in enumerate([(40, 56), (90, 64)]):
+        path = root / f"image{i}.png"
+        Image.fromarray(rng.randint(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def _transformers_alone(folder: Path, images: list[Path], questions: list[str], tmp: Path, new_tokens: int) -> dict:
+    requests = tmp / "requests.json"
+    requests.write_text(
+        json.dumps({"images": [str(p) for p in images], "questions": questions, "max_new_tokens": new_tokens})
+    )
+    out = tmp / "outputs.pt"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # -I: no PYTHONPATH, no user site, not the script's folder; lynx_zoo's editable install (a path or an import
+    # hook) is dropped: the worker checks that `import lynx_zoo` fails
+    code = (
+        "import sys; sys.path = [p for p in sys.path if 'lynx' not in p]; "
+        "sys.meta_path = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]; "
+        f"sys.argv = {[str(WORKER), str(folder), str(requests), str(out)]!r}; "
+        f"exec(compile(open({str(WORKER)!r}).read(), {str(WORKER)!r}, 'exec'))"
+    )
+    subprocess.run([sys.executable, "-I", "-c", code], check=True, cwd=tmp, env=env, timeout=300)
+    return torch.load(out, weights_only=True)
+
+
+def _lynx_side(model: PrefixLynx, images: list[Path], questions: list[str], new_tokens: int) -> tuple:
+    transform = model.processor.image_transform
+    pixels = torch.stack([transform(Image.open(p).convert("RGB")) for p in images])
+    batch = model.processor.prompts([Sample(q) for q in questions])
+    with torch.no_grad():
+        logits = model(batch["input_ids"], batch["attention_mask"], images=pixels).logits
+    mask = torch.cat([torch.ones(len(images), model.vision.num_tokens, dtype=torch.long), batch["attention_mask"]], 1)
+    answers = model.generate(images=images, prompts=questions, max_new_tokens=new_tokens, num_beams=1, do_sample=False)
+    return pixels, logits, mask, answers
+
+
+def _check_round_trip(model: PrefixLynx, tmp_path: Path, new_tokens: int = 4) -> list[str]:
+    folder = export_llava(model.eval(), tmp_path / "llava")
+    images = _images(tmp_path)
+    theirs = _transformers_alone(folder, images, QUESTIONS, tmp_path, new_tokens)
+    pixels, logits, mask, answers = _lynx_side(model, images, QUESTIONS, new_tokens)
+    torch.testing.assert_close(theirs["pixel_values"], pixels, atol=1e-6, rtol=0)
+    # the default (torchvision) backend: at most one grey level apart on resized images (std 0.5: 2/255)
+    torch.testing.assert_close(theirs["default_pixel_values"], pixels, atol=2 / 255 + 1e-6, rtol=0)
+    vocab = logits.shape[-1]
+    # the same tokens in the same order (LLaVA pads before the image, lynx_zoo between image and text)
+    torch.testing.assert_close(
+        theirs["logits"][theirs["mask"].bool()][:, :vocab], logits[mask.bool()], atol=1e-5, rtol=0
+    )
+    assert theirs["answers"] == answers
+    return answers
+
+
+@pytest.mark.slow
+def test_pt_mlp_export_answers_in_transformers_alone(tmp_path):
+    torch.manual_seed(0)
+    model = PrefixLynx(
+        **tiny_configs(bridge={"kind": "mlp"}, adapters=AdapterConfig(every=None), vision={"final_norm": False})
+    )
+    _check_round_trip(model, tmp_path)
+
+
+@pytest.mark.slow
+def test_demo_without_adapters_exports_and_answers_alike(tmp_path):
+    """The demo's architecture (configs/demo.yaml) with adapters none and the tower read before its final norm,
+    random weights: the export answers the README's questions as lynx_zoo does."""
+    args = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["model"]["init_args"]
+    torch.manual_seed(0)
+    model = PrefixLynx(
+        vision=VisionConfig(**{**args["vision"], "final_norm": False}),
+        bridge=BridgeConfig(**args["bridge"]),
+        llm=LLMConfig(**args["llm"]),
+        adapters=AdapterConfig(every=None),
+        prompt=PromptConfig(**args["prompt"]),
+        eval_generation=args["eval_generation"],
+    )
+    _check_round_trip(model, tmp_path, new_tokens=args["eval_generation"]["max_new_tokens"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        (dict(bridge={"kind": "mlp"}), "bottleneck adapters in LLM layers"),
+        (dict(adapters=AdapterConfig(every=None)), "bridge.kind 'resampler'"),
+        (dict(bridge={"kind": "linear"}, adapters=AdapterConfig(every=None)), "bridge.kind 'linear'"),
+        (dict(bridge={"kind": "mlp"}, adapters=AdapterConfig(every=None)), "vision.final_norm: true"),
+    ],
+)
+def test_what_does_not_map_is_refused_in_one_line(make_tiny, tmp_path, overrides, reason):
+    model = make_tiny(**overrides)
+    with pytest.raises(NotExportableError, match=reason) as refused:
+        export_llava(model, tmp_path / "llava")
+    assert "\n" not in str(refused.value)
+    assert not (tmp_path / "llava").exists()
