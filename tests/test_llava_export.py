@@ -15,9 +15,12 @@ import torch
 import yaml
 from PIL import Image
 
+from lynx_zoo.cli import main
 from lynx_zoo import AdapterConfig, BridgeConfig, LLMConfig, PrefixLynx, PromptConfig, VisionConfig
 from lynx_zoo.data.processor import Sample
-from lynx_zoo.hub.llava_format import NotExportableError, export_llava
+from lynx_zoo.hub.llava_format import IMAGE_TOKEN, NotExportableError, export_llava
+from lynx_zoo.hub.llava_import import llava_model_configs
+from lynx_zoo.llm import load_tokenizer
 
 from conftest import REPO, tiny_configs
 
@@ -124,3 +127,83 @@ def test_what_does_not_map_is_refused_in_one_line(make_tiny, tmp_path, overrides
         export_llava(model, tmp_path / "llava")
     assert "\n" not in str(refused.value)
     assert not (tmp_path / "llava").exists()
+
+
+@pytest.mark.parametrize(("feature_layer", "strategy"), [(-1, "full"), (-2, "default")])
+def test_a_transformers_llava_starts_a_pt_model_with_its_logits(tmp_path, feature_layer, strategy):
+    """A tiny LLaVA built by transformers (ViT tower, LLaMA), saved; ``init_from`` it: lynx_zoo's logits are its."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    tokenizer = load_tokenizer(LLMConfig(tokenizer="lynx_zoo/shapes-words"))
+    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=96, num_hidden_layers=3, num_attention_heads=2, image_size=32,
+                  patch_size=8, layer_norm_eps=1e-6, qkv_bias=True)  # fmt: skip
+    config = LlavaConfig(
+        vision_config={"model_type": "vit", **vision},
+        text_config={"model_type": "llama", **text},
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=feature_layer,
+        vision_feature_select_strategy=strategy,
+    )
+    torch.manual_seed(0)
+    llava = LlavaForConditionalGeneration(config).eval()
+    llava.save_pretrained(tmp_path / "llava")
+    tokenizer.save_pretrained(tmp_path / "llava")
+
+    configs = llava_model_configs(tmp_path / "llava")
+    model = PrefixLynx(
+        vision=VisionConfig(**configs["vision"]),
+        bridge=BridgeConfig(**configs["bridge"]),
+        llm=LLMConfig(**configs["llm"]),
+        adapters=AdapterConfig(**configs["adapters"]),
+        init_from=str(tmp_path / "llava"),
+    ).eval()
+    model.load_weights(str(tmp_path / "llava"))
+    grid = 16
+    tokens = grid + 1 if strategy == "full" else grid
+    assert model.vision.num_tokens == tokens
+    pixels = torch.randn(2, 3, 32, 32)
+    batch = model.processor.prompts([Sample(q) for q in QUESTIONS])
+    with torch.no_grad():
+        ours = model(batch["input_ids"], batch["attention_mask"], images=pixels).logits
+        image = torch.full((2, tokens), config.image_token_id)
+        ids = torch.cat([image, batch["input_ids"]], 1)
+        mask = torch.cat([torch.ones_like(image), batch["attention_mask"]], 1)
+        theirs = llava(
+            input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)
+        ).logits
+    torch.testing.assert_close(ours[mask.bool()], theirs[mask.bool()], atol=1e-5, rtol=0)
+
+
+def test_a_llava_folder_with_a_clip_tower_is_refused_naming_it(tmp_path):
+    from transformers import LlavaConfig
+
+    LlavaConfig(vision_config={"model_type": "clip_vision_model"}).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="vision tower 'clip_vision_model'"):
+        llava_model_configs(tmp_path)
+
+
+def _checkpoint(model: PrefixLynx, path: Path) -> Path:
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams) | {"_class_path": "PrefixLynx"}}, path)
+    return path
+
+
+def test_export_command_writes_the_llava_folder_or_refuses_in_one_line(make_tiny, tmp_path, capsys):
+    exportable = make_tiny(bridge={"kind": "mlp"}, adapters=AdapterConfig(every=None), vision={"final_norm": False})
+    folder = main(["export", "--ckpt", str(_checkpoint(exportable, tmp_path / "a.ckpt")), "--format",
+                   "transformers-llava", "--out", str(tmp_path / "llava")])  # fmt: skip
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "llava" and config["vision_config"]["model_type"] == "vit"
+    assert (folder / "chat_template.jinja").is_file() and (folder / "preprocessor_config.json").is_file()
+
+    refused = make_tiny(bridge={"kind": "mlp"})
+    with pytest.raises(SystemExit) as exited:
+        main(["export", "--ckpt", str(_checkpoint(refused, tmp_path / "b.ckpt")), "--format", "transformers-llava",
+              "--out", str(tmp_path / "refused")])  # fmt: skip
+    message = str(exited.value)
+    assert "bottleneck adapters in LLM layers [0, 2]" in message and "\n" not in message
+    assert not (tmp_path / "refused").exists()
