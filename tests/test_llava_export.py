@@ -13,16 +13,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import REPO, tiny_configs
 from PIL import Image
 
-from lynx_zoo.cli import main
 from lynx_zoo import AdapterConfig, BridgeConfig, LLMConfig, PrefixLynx, PromptConfig, VisionConfig
+from lynx_zoo.cli import main
 from lynx_zoo.data.processor import Sample
 from lynx_zoo.hub.llava_format import IMAGE_TOKEN, NotExportableError, export_llava
 from lynx_zoo.hub.llava_import import llava_model_configs
 from lynx_zoo.llm import load_tokenizer
-
-from conftest import REPO, tiny_configs
 
 WORKER = Path(__file__).with_name("llava_worker.py")
 QUESTIONS = ["what color is the circle?", "how many shapes are there in this picture of shapes?"]
@@ -188,17 +187,22 @@ def test_a_llava_folder_with_a_clip_tower_is_refused_naming_it(tmp_path):
 
 
 def _checkpoint(model: PrefixLynx, path: Path) -> Path:
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams) | {"_class_path": "PrefixLynx"}}, path)
+    torch.save(
+        {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams) | {"_class_path": "PrefixLynx"}},
+        path,
+    )
     return path
 
 
-def test_export_command_writes_the_llava_folder_or_refuses_in_one_line(make_tiny, tmp_path, capsys):
+def test_export_command_writes_the_llava_folder_or_refuses_in_one_line(make_tiny, tmp_path):
     exportable = make_tiny(bridge={"kind": "mlp"}, adapters=AdapterConfig(every=None), vision={"final_norm": False})
     folder = main(["export", "--ckpt", str(_checkpoint(exportable, tmp_path / "a.ckpt")), "--format",
                    "transformers-llava", "--out", str(tmp_path / "llava")])  # fmt: skip
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "llava" and config["vision_config"]["model_type"] == "vit"
     assert (folder / "chat_template.jinja").is_file() and (folder / "preprocessor_config.json").is_file()
+    card = (folder / "README.md").read_text()
+    assert "format: `transformers-llava`" in card and "a.ckpt" in card
 
     refused = make_tiny(bridge={"kind": "mlp"})
     with pytest.raises(SystemExit) as exited:
@@ -207,3 +211,29 @@ def test_export_command_writes_the_llava_folder_or_refuses_in_one_line(make_tiny
     message = str(exited.value)
     assert "bottleneck adapters in LLM layers [0, 2]" in message and "\n" not in message
     assert not (tmp_path / "refused").exists()
+
+
+def test_lora_is_merged_into_the_exported_llm(make_tiny, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    model = make_tiny(
+        bridge={"kind": "mlp"}, vision={"final_norm": False}, adapters=AdapterConfig(kind="lora", every=1, rank=4)
+    ).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    batch = model.processor.prompts([Sample(q) for q in QUESTIONS])
+    with torch.no_grad():
+        base = model(batch["input_ids"], batch["attention_mask"], images=pixels).logits
+    with torch.no_grad():  # a trained update: lora_B starts at zero
+        for name, param in model.llm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    llava = LlavaForConditionalGeneration.from_pretrained(export_llava(model, tmp_path / "llava")).eval()
+    with torch.no_grad():
+        ours = model(batch["input_ids"], batch["attention_mask"], images=pixels).logits
+        image = torch.full((2, model.vision.num_tokens), llava.config.image_token_id)
+        ids = torch.cat([image, batch["input_ids"]], 1)
+        mask = torch.cat([torch.ones_like(image), batch["attention_mask"]], 1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        theirs = llava(input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=positions).logits
+    torch.testing.assert_close(theirs[..., : ours.shape[-1]][mask.bool()], ours[mask.bool()], atol=1e-5, rtol=0)
+    assert not torch.allclose(base, ours, atol=1e-3)  # the update changed the answers: merging it mattered

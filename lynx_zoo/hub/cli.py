@@ -157,7 +157,9 @@ def _export_llava(args: argparse.Namespace) -> Path:
     from lynx_zoo.hub.llava_format import export_llava
     from lynx_zoo.hub.loading import load_checkpoint
 
-    folder = export_llava(load_checkpoint(args.ckpt, "cpu", args.model_class), args.out)
+    folder = export_llava(
+        load_checkpoint(args.ckpt, "cpu", args.model_class), args.out, source=str(args.ckpt.resolve())
+    )
     print(f"wrote {folder}")
     return folder
 

@@ -152,10 +152,11 @@ def chat_template(model: LynxModel) -> str:
     )
 
 
-def export_llava(model: LynxModel, out: str | Path) -> Path:
+def export_llava(model: LynxModel, out: str | Path, source: str | None = None) -> Path:
     """Write ``model`` at ``out`` as a transformers LLaVA folder (config.json, model.safetensors, tokenizer with
-    ``<image>``, processor with the chat template and the tower's image transform); a model that would compute
-    something else there raises :class:`NotExportableError` naming why."""
+    ``<image>``, processor with the chat template and the tower's image transform, a model card naming the format;
+    ``source``: where the weights came from); a model that would compute something else there raises
+    :class:`NotExportableError` naming why."""
     from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration
     from transformers.image_utils import PILImageResampling
 
@@ -257,6 +258,7 @@ def export_llava(model: LynxModel, out: str | Path) -> Path:
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
         (tmp / "processor_config.json").write_text(json.dumps(processor_config, indent=2) + "\n", encoding="utf-8")
         (tmp / "chat_template.jinja").write_text(chat_template(model), encoding="utf-8")
+        (tmp / "README.md").write_text(llava_card(model, config, source), encoding="utf-8")
     return out
 
 
@@ -265,3 +267,38 @@ def _mean_std(model: LynxModel) -> tuple[list[float], list[float]]:
 
     normalize = next(t for t in model.vision.image_transform().transforms if isinstance(t, transforms.Normalize))
     return [float(x) for x in normalize.mean], [float(x) for x in normalize.std]
+
+
+def llava_card(model: LynxModel, config: Any, source: str | None) -> str:
+    """The ``README.md`` of an exported folder: its format, what it holds, how to load it."""
+    vision = model.vision_config
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: image-text-to-text",
+        "tags: [llava, lynx_zoo, multimodal]",
+        "---",
+        f"# A lynx_zoo PT model in transformers' LLaVA layout (format: `{FORMAT_NAME}`)",
+        "",
+        f"Exported by `python -m lynx_zoo export --format {FORMAT_NAME}` from {source or 'a lynx_zoo model'}. It loads "
+        "with `transformers.LlavaForConditionalGeneration.from_pretrained` and `AutoProcessor.from_pretrained`, "
+        "without lynx_zoo, and computes what the lynx_zoo model computes for images:",
+        "",
+        f"- vision tower: transformers ViT ({config.vision_config.num_hidden_layers} blocks, width "
+        f"{config.vision_config.hidden_size}, {vision.image_size} px, patch {config.vision_config.patch_size}), "
+        f"the last block's hidden state, {'class token kept' if vision.keep_cls_token else 'class token dropped'} "
+        f"(`vision_feature_select_strategy: {config.vision_feature_select_strategy}`): "
+        f"{model.vision.num_tokens} `<image>` tokens per image",
+        "- projector: Linear-GELU-Linear (lynx_zoo's `mlp` bridge)",
+        f"- language model: {config.text_config.model_type}"
+        + (", LoRA updates merged" if model.adapter_config.kind == "lora" and model.adapter_blocks else ""),
+        f"- prompt (the chat template): the image first, then `<s>` and `{model.processor.prompt.template}`; "
+        "answers follow after a space, then `</s>`",
+        "- images: resized (shortest side, bicubic), centre-cropped, normalised as the lynx_zoo tower's transform; "
+        'equal to it with `AutoProcessor.from_pretrained(DIR, backend="pil")` (the default torchvision backend '
+        "can round a resized pixel to the next grey level)",
+        "",
+        "Videos are not part of this format: the lynx_zoo model's frame embeddings are not exported.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -29,7 +29,9 @@ def _llava_config(folder: Path) -> Any:
     from transformers import LlavaConfig
 
     if not is_llava_folder(folder):
-        raise ValueError(f"{folder}: not a transformers LLaVA folder (config.json with model_type {LLAVA_MODEL_TYPE!r})")
+        raise ValueError(
+            f"{folder}: not a transformers LLaVA folder (config.json with model_type {LLAVA_MODEL_TYPE!r})"
+        )
     config = LlavaConfig.from_pretrained(folder)
     vision = config.vision_config
     problems = []
