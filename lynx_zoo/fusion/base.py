@@ -406,9 +406,15 @@ class LynxModel(L.LightningModule):
         return self
 
     def load_weights(self, path: str) -> None:
-        """Initialise from another lynx_zoo checkpoint's weights, resampling vision position embeddings."""
-        state = read_torch_checkpoint(path)  # an unreadable file is an error naming it
-        state = state.get("state_dict", state)
+        """Initialise from another lynx_zoo checkpoint's weights, resampling vision position embeddings, or from a
+        folder in transformers' LLaVA layout (:mod:`lynx_zoo.hub.llava_import`: tower, projector and LLM)."""
+        from lynx_zoo.hub.llava_import import is_llava_folder, lynx_state_from_llava
+
+        if is_llava_folder(path):
+            state = lynx_state_from_llava(path, len(self.vision.blocks))
+        else:
+            state = read_torch_checkpoint(path)  # an unreadable file is an error naming it
+            state = state.get("state_dict", state)
         resample_vision_pos_embed(state, self.vision, prefix="vision.")
         own = self.state_dict()
         mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]

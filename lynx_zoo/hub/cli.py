@@ -132,14 +132,36 @@ def export_main(argv: list[str]) -> Path:
         metavar="LLM_DIR",
         help="merge the LoRA updates into a copy of the base LLM written to LLM_DIR; the variant loads it (serving)",
     )
+    parser.add_argument(
+        "--format",
+        choices=("variant", "transformers-llava"),
+        default="variant",
+        help="variant: a lynx_zoo variant folder; transformers-llava: transformers' LlavaForConditionalGeneration "
+        "layout (vLLM, SGLang, lmms-eval's llava_hf; docs/export.md), LoRA merged",
+    )
     _variant_out_args(parser)
     args = parser.parse_args(argv)
+    if args.format == "transformers-llava":
+        return _export_llava(args)
     from lynx_zoo.hub.export import export_checkpoint
 
     folder = export_checkpoint(
         args.ckpt, args.out, name=args.name, model_class=args.model_class, merge_lora=args.merge_lora
     )
     return _done(folder, args.name, args.register)
+
+
+def _export_llava(args: argparse.Namespace) -> Path:
+    if args.merge_lora or args.register or args.name:
+        sys.exit(f"{PROG} export: --format transformers-llava takes no --merge-lora, --name or --register")
+    from lynx_zoo.hub.llava_format import export_llava
+    from lynx_zoo.hub.loading import load_checkpoint
+
+    folder = export_llava(
+        load_checkpoint(args.ckpt, "cpu", args.model_class), args.out, source=str(args.ckpt.resolve())
+    )
+    print(f"wrote {folder}")
+    return folder
 
 
 def convert_main(argv: list[str]) -> Path:
