@@ -30,8 +30,6 @@ from typing import Any
 
 import yaml
 
-from lynx_zoo.hub.config import parse_fit_args
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT_CALLBACK = "lightning.pytorch.callbacks.ModelCheckpoint"
 
@@ -71,6 +69,8 @@ class PlannedStage:
 
 def resolve(args: list[str]) -> dict[str, Any]:
     """The config ``fit`` resolves from ``args`` (``--config`` files and options), nothing built."""
+    from lynx_zoo.hub.config import parse_fit_args  # Lightning's parser: not needed for --help
+
     return parse_fit_args(args)
 
 

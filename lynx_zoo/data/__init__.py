@@ -1,21 +1,28 @@
 """Data: samples, the processor (prompt format, tokens, labels) and the DataModules."""
 
-from lynx_zoo.data.datamodule import ShapesVQADataModule, VQADataModule
-from lynx_zoo.data.manifest import ManifestError, read_manifest
-from lynx_zoo.data.mixture import MixtureDataModule
-from lynx_zoo.data.processor import IGNORE_INDEX, LynxProcessor, PromptConfig, PromptCutWarning, Sample, Skipped
-from lynx_zoo.data.shapes_study import ShapesStudyDataModule
-from lynx_zoo.data.sources import (
-    ConversationSource,
-    DataError,
-    ImageTextSource,
-    LoadContext,
-    ShardSource,
-    Source,
-    TextSource,
-    VideoQASource,
-)
-from lynx_zoo.data.templates import InstructionTemplates
+from typing import TYPE_CHECKING
+
+from lynx_zoo.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from lynx_zoo.data.datamodule import ShapesVQADataModule, VQADataModule
+    from lynx_zoo.data.manifest import ManifestError, read_manifest
+    from lynx_zoo.data.mixture import MixtureDataModule
+    from lynx_zoo.data.processor import IGNORE_INDEX, LynxProcessor, PromptConfig, PromptCutWarning, Sample, Skipped
+    from lynx_zoo.data.shapes_study import ShapesStudyDataModule
+    from lynx_zoo.data.sources import (
+        ConversationSource,
+        DataError,
+        ImageTextSource,
+        LoadContext,
+        ShardSource,
+        Source,
+        TextSource,
+        VideoQASource,
+    )
+    from lynx_zoo.data.templates import InstructionTemplates
+
+__getattr__, __dir__ = lazy_exports(__name__, __file__)
 
 __all__ = [
     "IGNORE_INDEX",

@@ -32,7 +32,6 @@ from typing import Any
 
 from lynx_zoo.data.images import open_rgb
 from lynx_zoo.data.manifest import ManifestError, parse_line
-from lynx_zoo.data.prepared import INDEX_NAME, REPORT_NAME, read_report
 from lynx_zoo.data.sources import (
     IMAGE_EXTENSIONS,
     ConversationSource,
@@ -283,7 +282,9 @@ def prepare(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write the prepared data set of ``inputs`` (of ``kind``) to the folder ``output``; returns its report."""
-    from litdata import optimize  # (lynx_zoo.data.prepared turned LitData's PyPI check off)
+    # LitData is imported here, not for --help (lynx_zoo.data.prepared turns LitData's PyPI check off first)
+    from lynx_zoo.data.prepared import INDEX_NAME, REPORT_NAME, read_report  # isort: split
+    from litdata import optimize
 
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}: expected one of {', '.join(KINDS)}")
@@ -398,6 +399,8 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError) as err:  # ManifestError and DataError included
         print(f"lynx_zoo data prepare: error: {err}", file=sys.stderr)
         return 1
+    from lynx_zoo.data.prepared import REPORT_NAME
+
     skipped = ", ".join(f"{reason} {n}" for reason, n in report["skipped"].items()) or "none"
     print(
         f"{args.output}: {report['samples']} samples in {report['chunks']} chunks ({report['bytes'] / 1e6:.1f} MB), "
