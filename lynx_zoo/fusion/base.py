@@ -35,6 +35,7 @@ from lynx_zoo.metrics import CategoryAccuracy
 from lynx_zoo.training.callbacks import SkippedSampleReport
 from lynx_zoo.training.checkpoint_io import read_torch_checkpoint
 from lynx_zoo.training.distributed import (
+    attached_trainer,
     configure_lynx_model,
     ddp_anchor,
     destroy_process_group_at_exit,
@@ -381,7 +382,7 @@ class LynxModel(L.LightningModule):
         if stage == "fit" and self.init_from:
             self.load_weights(self.init_from)
             self.init_from = None  # once: a second fit() must not go back to the starting weights
-        categories = getattr(getattr(self._trainer, "datamodule", None), "categories", None)
+        categories = getattr(getattr(attached_trainer(self), "datamodule", None), "categories", None)
         keys = sorted({metric_key(c) for c in categories or []})
         if keys and (self.val_accuracy is None or self.val_accuracy.categories != keys):
             self.val_accuracy = CategoryAccuracy(keys).to(self.device)
@@ -431,7 +432,8 @@ class LynxModel(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         size = batch["input_ids"].shape[0]
-        distributed = self._trainer is not None and self._trainer.world_size > 1
+        trainer = attached_trainer(self)
+        distributed = trainer is not None and trainer.world_size > 1
         if size == 0:  # every sample was unreadable
             if not distributed:
                 return None  # nothing to learn from, and no other process waits for this one
@@ -441,7 +443,7 @@ class LynxModel(L.LightningModule):
         else:
             loss = self(**model_inputs(batch)).loss
             self.log("train/loss", loss, prog_bar=True, batch_size=samples_in(batch))
-        if isinstance(self._trainer and self._trainer.strategy, DDPStrategy):
+        if isinstance(trainer and trainer.strategy, DDPStrategy):
             loss = ddp_anchor(loss, self.trainable_parameters())
         return loss
 
