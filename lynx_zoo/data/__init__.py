@@ -24,8 +24,16 @@ if TYPE_CHECKING:
 
 __getattr__, __dir__ = lazy_exports(__name__, __file__)
 
+
+def import_config_classes() -> None:
+    """Import every DataModule and source of the zoo, so that a config may name one by its short class name
+    (``class_path: MixtureDataModule``): LightningCLI finds subclasses among the classes imported."""
+    from lynx_zoo.data import datamodule, mixture, shapes_study, sources  # noqa: F401
+
+
 __all__ = [
     "IGNORE_INDEX",
+    "import_config_classes",
     "LynxProcessor",
     "ConversationSource",
     "DataError",

@@ -13,13 +13,13 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.core.datamodule import LightningDataModule
 
-# the zoo's DataModules and sources: imported so that configs may name them by their short class names
-from lynx_zoo.data import datamodule, mixture, shapes_study, sources  # noqa: F401
+from lynx_zoo.data import import_config_classes
 from lynx_zoo.errors import valid_choices
 from lynx_zoo.fusion import LynxModel, registered_models
 from lynx_zoo.training.resume import fix_checkpoint_folders, resume_arguments
 
 PROG = "python -m lynx_zoo"
+import_config_classes()
 
 
 class LynxCLI(LightningCLI):
