@@ -40,6 +40,8 @@ from lynx_zoo.data.sources import (
     VideoQASource,
     conversation_pairs,
     expand_pattern,
+    is_complete_sample,
+    shard_member,
     shard_text,
 )
 from lynx_zoo.data.video import read_video_frames
@@ -140,15 +142,13 @@ class SampleWriter:
         try:
             with tarfile.open(path, mode="r|") as tar:  # streamed: members in the order they were written
                 for member in tar:
-                    folder, _, name = member.name.removeprefix("./").rpartition("/")
-                    if not member.isfile() or "." not in name:
+                    if (found := shard_member(member)) is None:
                         continue
-                    stem, _, ext = name.partition(".")  # WebDataset: the key is all before the first dot
-                    member_key = f"{folder}/{stem}" if folder else stem
+                    member_key, ext = found
                     if member_key != key:
                         yield from self._shard_sample(path, key, members, skip)
                         key, members = member_key, {}
-                    members[ext.lower()] = tar.extractfile(member).read()
+                    members[ext] = tar.extractfile(member).read()
         except (OSError, tarfile.TarError, EOFError) as err:
             skip("unreadable_shard", f"{path}: {err} (the samples after {key!r} are lost)")
             return
@@ -160,10 +160,10 @@ class SampleWriter:
         if key is None:
             return
         where = f"{path}:{key}"
-        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
-        if image_ext is None or not ("json" in members or "txt" in members):
+        if not is_complete_sample(members):
             skip("incomplete_sample", f"{where}: lacks an image or a json/txt member: {sorted(members)}")
             return
+        image_ext = next(ext for ext in IMAGE_EXTENSIONS if ext in members)
         try:
             question, answer = shard_text(members)
         except ValueError as err:
