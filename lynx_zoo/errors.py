@@ -89,3 +89,9 @@ def valid_choices(given: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(given, valid, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     return f"{hint}valid choices: {', '.join(valid)}"
+
+
+def listed_problems(*problems: tuple[str, list[str]], shown: int = 5) -> str:
+    """``label (count): [the first few]; ...`` for each non-empty list of ``(label, items)``: how a weights file
+    and a model differ (missing, unexpected or mis-shaped keys), in one line."""
+    return "; ".join(f"{label} ({len(items)}): {items[:shown]}" for label, items in problems if items)

@@ -28,6 +28,7 @@ from lynx_zoo.bridge import BridgeConfig, build_bridge
 from lynx_zoo.data.answers import metric_key, normalize_answer
 from lynx_zoo.data.packing import PackedRows, samples_in
 from lynx_zoo.data.processor import IGNORE_INDEX, LynxProcessor, PromptConfig, Sample
+from lynx_zoo.errors import listed_problems
 from lynx_zoo.generation import ImageLike, VideoLike, generation_settings, image_batch, seeded, video_batch
 from lynx_zoo.llm import LLMConfig, build_llm, load_tokenizer
 from lynx_zoo.llm.layers import InsertedBlock
@@ -414,10 +415,10 @@ class LynxModel(L.LightningModule):
         own = self.state_dict()
         mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
         unexpected = [k for k in state if k not in own]
-        if mismatched or unexpected:
+        problems = listed_problems(("shape mismatches", mismatched), ("unknown keys", unexpected))
+        if problems:
             raise ValueError(
-                f"init_from {path}: does not fit this model: shape mismatches {mismatched[:5]}, "
-                f"unknown keys {unexpected[:5]} (a different fusion, bridge or LLM?)"
+                f"init_from {path}: does not fit this model: {problems} (a different fusion, bridge or LLM?)"
             )
         self.load_state_dict(state, strict=False)
 
