@@ -29,11 +29,11 @@ from PIL import Image
 from record import finish_record, run_record
 from skimage import data as skdata
 
-from lynx_zoo.cli import LynxCLI
 from lynx_zoo.data import ImageTextSource, MixtureDataModule, ShardSource, VideoQASource
 from lynx_zoo.data.prepare import prepare
 from lynx_zoo.data.prepared import PreparedSource
 from lynx_zoo.fusion import LynxModel
+from lynx_zoo.training.lightning_cli import LynxCLI
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "cat")
 

@@ -222,8 +222,8 @@ def measure(server: Server, mode: str, clients: int, repetition: int, args: argp
 def untrained_variant(config: str, out: Path) -> Path:
     """The model of a training config with its initial weights (seeded by the config, untrained), exported as a
     variant: the same architecture and cost per token as the trained variant, with no training run needed."""
-    from lynx_zoo.cli import LynxCLI
     from lynx_zoo.hub import export_variant
+    from lynx_zoo.training.lightning_cli import LynxCLI
 
     cli = LynxCLI(args=["--config", config, "--trainer.logger=false"], run=False)
     return export_variant(cli.model, out / "variant", name=f"{Path(config).stem}-untrained")

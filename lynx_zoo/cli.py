@@ -1,17 +1,14 @@
 """The command line, ``python -m lynx_zoo COMMAND ...``: one entry point for every command.
 
 The training loops (``fit``, ``validate``, ``test``, ``predict``) are LightningCLI's, over every registered
-:class:`LynxModel` and every DataModule (:class:`LynxCLI`); the other commands live with their design axis
+:class:`LynxModel` and every DataModule (:class:`lynx_zoo.training.lightning_cli.LynxCLI`); the other commands live
+with their design axis
 (:mod:`lynx_zoo.hub.cli`, :mod:`lynx_zoo.evaluation.cli`, :mod:`lynx_zoo.stages`) and are listed here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import importlib
-import inspect
-import re
 import sys
 import warnings
 from argparse import ArgumentError
@@ -20,45 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.core.datamodule import LightningDataModule
-
-import lynx_zoo  # noqa: F401  (registers the short class names: PrefixLynx, ShapesVQADataModule, ...)
-from lynx_zoo.errors import CheckpointError, one_line, reported_cause
-from lynx_zoo.fusion import LynxModel, registered_models
+from lynx_zoo.errors import CheckpointError, one_line, reported_cause, valid_choices
 from lynx_zoo.resources import SHIPPED_CONFIG, config_path
-from lynx_zoo.training.resume import fix_checkpoint_folders, resume_arguments
 
 PROG = "python -m lynx_zoo"
-
-
-class LynxCLI(LightningCLI):
-    """LightningCLI over every :class:`LynxModel` subclass and every DataModule; pick them with
-    ``class_path`` (short names work for the zoo's own classes).
-
-    ``fit`` checkpoints into ``<default_root_dir>/checkpoints`` (every ``ModelCheckpoint`` without a ``dirpath``),
-    so ``--ckpt_path last`` finds the last checkpoint of an interrupted run, and is an error when there is none
-    (:mod:`lynx_zoo.training.resume`)."""
-
-    def __init__(self, args: list[str] | None = None, run: bool = True, exit_on_error: bool = True) -> None:
-        super().__init__(
-            LynxModel,
-            LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"default_env": False, "exit_on_error": exit_on_error, "prog": PROG},
-            args=args,
-            run=run,
-        )
-
-    def before_instantiate_classes(self) -> None:
-        if self.subcommand == "fit":
-            fix_checkpoint_folders(self.config[self.subcommand]["trainer"])
-
-    def before_fit(self) -> None:
-        resume_arguments(self.trainer, self.config_init["fit"])
 
 
 @dataclass(frozen=True)
@@ -78,6 +40,8 @@ def _lightning(subcommand: str) -> Callable[[list[str]], Any]:
         if subcommand == "predict" and any(a.split("=", 1)[0] in ("--image", "--video") for a in argv):
             sys.exit(f"{PROG} predict: runs a DataModule's predict loop; to ask about a file: {PROG} ask --image ...")
         check_checkpoint_class(argv)
+        from lynx_zoo.training.lightning_cli import LynxCLI, explain_error  # Lightning: only for a training loop
+
         try:
             with warnings.catch_warnings():  # the arguments are the process's own, handed on
                 warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
@@ -155,7 +119,7 @@ def main(args: list[str] | None = None) -> Any:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        sys.exit(f"{PROG}: unknown command {name!r}: {_choices(name, list(COMMANDS))}\n\n{overview()}")
+        sys.exit(f"{PROG}: unknown command {name!r}: {valid_choices(name, list(COMMANDS))}\n\n{overview()}")
     try:
         rest = shipped_config_args(rest)
     except FileNotFoundError as err:
@@ -207,53 +171,3 @@ def check_checkpoint_class(argv: list[str]) -> None:
                 raise
             except ValueError as err:  # a class the registry does not hold
                 raise CheckpointError(str(err)) from err
-
-
-def _choices(given: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(given, valid, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"{hint}valid choices: {', '.join(valid)}"
-
-
-def _subclass_names(base: type) -> list[str]:
-    if base is LynxModel:
-        return sorted(registered_models())
-    found, stack = set(), [base]
-    while stack:
-        cls = stack.pop()
-        for sub in cls.__subclasses__():
-            if sub.__module__.startswith("lynx_zoo") and not inspect.isabstract(sub):
-                found.add(sub.__name__)
-            stack.append(sub)
-    return sorted(found)
-
-
-def _accepted_options(class_path: str) -> list[str]:
-    module, _, name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    if dataclasses.is_dataclass(cls):
-        return [f.name for f in dataclasses.fields(cls)]
-    return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
-
-
-def explain_error(message: str) -> str:
-    """A short, actionable message for a config error: what is wrong, and the valid choices."""
-    option = re.search(r"class_path '([\w.]+)':\s*\n\s*Option '([\w.]+)' is not accepted", message)
-    if option:
-        class_path, key = option.groups()
-        name, key = class_path.rpartition(".")[2], key.partition(".")[0]  # a misspelt section: its first key
-        return f"unknown option {key!r} for {name}: {_choices(key, _accepted_options(class_path))}"
-    section = re.match(r'Parser key "(model|data)":', message)
-    given = re.search(r"Expected a dot import path string: (\S+)", message) or re.search(
-        r"Problem with given class_path '([^']+)':\s*\n\s*(?:No module named|module '[^']*' has no attribute)", message
-    )
-    if section and given:
-        kind, name = section.group(1), given.group(1)
-        base = LynxModel if kind == "model" else L.LightningDataModule
-        return f"unknown {kind} class {name!r}: {_choices(name.rpartition('.')[2], _subclass_names(base))}"
-    unrecognized = re.search(r"unrecognized arguments: --trainer\.(\w+)", message)
-    if unrecognized:
-        key = unrecognized.group(1)
-        params = [p for p in inspect.signature(L.Trainer.__init__).parameters if p != "self"]
-        return f"unknown trainer option {key!r}: {_choices(key, params)}"
-    return message

@@ -1,4 +1,4 @@
-"""The errors that mean bad input or a run that cannot go on, shared by every layer (this module imports nothing).
+"""The errors that mean bad input or a run that cannot go on, shared by every layer (only the standard library here).
 
 Each subclasses :class:`ReportedError`: its message names the file or key, the value and what was expected, so the
 command line prints it in one or two lines instead of a traceback, also when a library (jsonargparse, a
@@ -6,6 +6,8 @@ DataLoader worker) wrapped it. Any other exception is a bug and keeps its traceb
 """
 
 from __future__ import annotations
+
+import difflib
 
 # Exceptions that mean the code is wrong, never the data: a per-sample handler lets them through.
 PROGRAMMING_ERRORS: tuple[type[BaseException], ...] = (
@@ -80,3 +82,16 @@ def one_line(error: BaseException) -> str:
         name, sep, rest = last.partition(": ")
         message = rest if sep and name.rpartition(".")[2] == type(error).__name__ else last
     return message
+
+
+def valid_choices(given: str, valid: list[str]) -> str:
+    """``did you mean 'x'? valid choices: a, b, c`` for a name that is not among ``valid``."""
+    close = difflib.get_close_matches(given, valid, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"{hint}valid choices: {', '.join(valid)}"
+
+
+def listed_problems(*problems: tuple[str, list[str]], shown: int = 5) -> str:
+    """``label (count): [the first few]; ...`` for each non-empty list of ``(label, items)``: how a weights file
+    and a model differ (missing, unexpected or mis-shaped keys), in one line."""
+    return "; ".join(f"{label} ({len(items)}): {items[:shown]}" for label, items in problems if items)

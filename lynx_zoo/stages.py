@@ -30,9 +30,8 @@ from typing import Any
 
 import yaml
 
-from lynx_zoo.hub.config import parse_fit_args
+from lynx_zoo.resources import shipped
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT_CALLBACK = "lightning.pytorch.callbacks.ModelCheckpoint"
 
 
@@ -71,6 +70,8 @@ class PlannedStage:
 
 def resolve(args: list[str]) -> dict[str, Any]:
     """The config ``fit`` resolves from ``args`` (``--config`` files and options), nothing built."""
+    from lynx_zoo.hub.config import parse_fit_args  # Lightning's parser: not needed for --help
+
     return parse_fit_args(args)
 
 
@@ -147,8 +148,11 @@ def _image_size(stage: PlannedStage) -> int:
 
 
 def _trains_llm_through_cross_attention(model: dict[str, Any]) -> bool:
+    from lynx_zoo.fusion import CrossAttnLynx, model_class
+
     init_args = model.get("init_args") or {}
-    return str(model.get("class_path", "")).endswith("CrossAttnLynx") and bool(init_args["llm"].get("trainable"))
+    cls = model_class(str(model.get("class_path", "")), where="stages: model.class_path")
+    return issubclass(cls, CrossAttnLynx) and bool(init_args["llm"].get("trainable"))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -160,15 +164,15 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", type=Path, action="append", required=True, help="the row's configs, base first")
     p.add_argument("--out", type=Path, required=True, help="the run folder; each stage gets <OUT>/<stage>/")
-    p.add_argument("--stages", type=Path, default=REPO_ROOT / "configs" / "stages", help="the stage overlays")
+    p.add_argument("--stages", type=Path, default=shipped("configs/stages"), help="the stage overlays")
     p.add_argument(
         "--stage1-data",
-        default=str(REPO_ROOT / "configs" / "data" / "lynx_stage1.yaml"),
+        default=str(shipped("configs/data/lynx_stage1.yaml")),
         help="the stage-1 data overlay ('none': the row's own data)",
     )
     p.add_argument(
         "--stage2-data",
-        default=str(REPO_ROOT / "configs" / "data" / "lynx_stage2.yaml"),
+        default=str(shipped("configs/data/lynx_stage2.yaml")),
         help="the stage-2 data overlay ('none': the row's own data)",
     )
     p.add_argument("--from", dest="start", choices=[s.name for s in PROTOCOL], help="start at this stage")

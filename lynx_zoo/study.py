@@ -35,14 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from lynx_zoo.evaluation.judges import ExactMatchJudge
 from lynx_zoo.evaluation.report import StudyRun, write_report
-from lynx_zoo.evaluation.runner import Benchmark, Evaluator, Variant
 from lynx_zoo.resources import shipped
-from lynx_zoo.training import resume
-from lynx_zoo.training.checkpoint_io import read_torch_checkpoint
+
+# torch, Lightning and the evaluator are imported by the steps that use them, so --help answers at once
 
 PROG = "python -m lynx_zoo study"
 
@@ -99,6 +95,8 @@ def _relative(path: str | Path) -> str:
 
 def machine() -> str:
     """One line on the machine: CPU model, cores, torch threads of a run."""
+    import torch
+
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -199,6 +197,9 @@ class Study:
             trained["train_cpu_seconds"],
         )
         self.log(f"{counter} {row.name} seed {seed}: evaluating")
+        from lynx_zoo.evaluation.judges import ExactMatchJudge
+        from lynx_zoo.evaluation.runner import Benchmark, Evaluator, Variant
+
         evaluator = Evaluator(self.results_dir, ExactMatchJudge(), batch_size=64, device="cpu")
         variant = Variant(name, str(last_checkpoint(folder)), study=study)
         benchmarks = [Benchmark("vqa", bench, self.data_root / file) for bench, file in BENCHMARKS]
@@ -288,11 +289,15 @@ def _children_cpu_seconds() -> float:
 def last_checkpoint(folder: Path) -> Path | None:
     """The newest last checkpoint of a run folder: in its fixed checkpoint folder (``fit`` writes every attempt's
     there, see :mod:`lynx_zoo.training.resume`)."""
+    from lynx_zoo.training import resume
+
     return resume.last_checkpoint([Path(resume.run_checkpoint_folder(folder))])
 
 
 def trained_steps(folder: Path) -> int:
     """The optimizer steps of a run's last checkpoint."""
+    from lynx_zoo.training.checkpoint_io import read_torch_checkpoint
+
     path = last_checkpoint(folder)
     assert path is not None, folder
     return int(read_torch_checkpoint(path)["global_step"])

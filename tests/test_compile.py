@@ -12,6 +12,7 @@ from lynx_zoo import CrossAttnLynx, PrefixLynx, ShapesVQADataModule
 from lynx_zoo.data import Sample
 from lynx_zoo.data.packing import PackingCollate
 from lynx_zoo.training import CompileRegions, compile_regions
+from lynx_zoo.training.compile import is_compiled
 
 CA = {"cross_attn": TINY_CROSS_ATTN}
 QA = [("what color is the circle?", "red"), ("how many shapes are there?", "three"), ("is it big?", "no, small")]
@@ -34,7 +35,7 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(make_tiny, one_thread
         assert compiled_grads.keys() == grads.keys()
         for name, grad in grads.items():
             torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6)
-    assert all(layer._compiled_call_impl is not None for layer in model.llm.model.layers)
+    assert all(is_compiled(layer) for layer in model.llm.model.layers)
 
 
 def test_a_run_compiles_with_the_callback(make_tiny, shapes_root, tmp_path):
@@ -43,7 +44,7 @@ def test_a_run_compiles_with_the_callback(make_tiny, shapes_root, tmp_path):
     data = ShapesVQADataModule(root=str(shapes_root), num_train=64, image_size=32, batch_size=4, num_workers=0)
     run = trainer(tmp_path, max_steps=2, callbacks=[CompileRegions(["llm_layers"], backend="aot_eager")])
     run.fit(model, data)
-    assert all(layer._compiled_call_impl is not None for layer in model.llm.model.layers)
+    assert all(is_compiled(layer) for layer in model.llm.model.layers)
     assert torch.isfinite(run.callback_metrics["train/loss"])
     with pytest.raises(ValueError, match="unknown region 'decoder'"):
         CompileRegions(["decoder"])

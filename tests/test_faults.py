@@ -610,3 +610,25 @@ def test_a_bad_value_exits_non_zero_with_one_line_from_a_real_process(tmp_path):
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert errors == ["python -m lynx_zoo fit: error: optimizer.lr: expected a positive number, got -1.0"]
     assert "Traceback" not in result.stderr
+
+
+def test_ckpt_path_last_leaves_checkpoints_in_an_object_store_to_lightning(tmp_path):
+    from types import SimpleNamespace
+
+    from lynx_zoo.training.resume import resolve_last
+
+    remote = SimpleNamespace(checkpoint_callbacks=[ModelCheckpoint(dirpath="memory://run/checkpoints")])
+    assert resolve_last(remote) is None  # Lightning's own "last" looks there
+    local = SimpleNamespace(checkpoint_callbacks=[ModelCheckpoint(dirpath=str(tmp_path / "checkpoints"))])
+    with pytest.raises(ResumeError, match="checkpoints"):
+        resolve_last(local)
+
+
+def test_a_model_outside_a_trainer_has_no_attached_trainer(make_tiny):
+    from lynx_zoo.training.distributed import attached_trainer
+
+    model = make_tiny()
+    assert attached_trainer(model) is None
+    run = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    model.trainer = run
+    assert attached_trainer(model) is run

@@ -98,3 +98,14 @@ def test_convert_lynx_with_its_default_config_from_the_wheel(installed):
     out = installed["work"] / "lynx-converted"
     run(installed, "-m", "lynx_zoo", "convert-lynx", "--ckpt", str(checkpoint), "--out", str(out))
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+
+
+def test_stages_and_study_from_the_wheel(installed):
+    """``stages`` finds its default stage and data overlays in the package (a wheel has no repository ``configs/``),
+    and ``study`` answers ``--help``."""
+    out = installed["work"] / "stages-run"
+    rows = ["--config", "zoo:pt_vicuna_420.yaml", "--config", "zoo:grid/ca_vicuna_420_trainable_llm.yaml"]
+    planned = run(installed, "-m", "lynx_zoo", "stages", *rows, "--out", str(out), "--dry-run").stdout
+    assert planned.count("-m lynx_zoo fit") == 3
+    assert str(installed["site"] / "lynx_zoo" / "configs" / "stages" / "stage1_224.yaml") in planned
+    assert "--report-only" in run(installed, "-m", "lynx_zoo", "study", "--help").stdout

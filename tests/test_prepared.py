@@ -24,7 +24,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from media import photo, save_photos, to_tensor, write_clip, write_jsonl, write_shards
 from run_helpers import IdsToFile, Recorder, StopAt, trainer
 
-from lynx_zoo.cli import LynxCLI
 from lynx_zoo.data import (
     ConversationSource,
     DataError,
@@ -44,6 +43,7 @@ from lynx_zoo.data.prepare import main as data_main
 from lynx_zoo.data.prepared import PreparedSource
 from lynx_zoo.data.shapes import shapes_tokenizer
 from lynx_zoo.data.sources import Source
+from lynx_zoo.training.lightning_cli import LynxCLI
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from lynx_zoo.cli import LynxCLI
 from lynx_zoo.data import Sample
 from lynx_zoo.llm import LLMConfig, build_llm, load_tokenizer
+from lynx_zoo.training.lightning_cli import LynxCLI
 
 pytestmark = pytest.mark.slow  # each test runs a real process or a GGUF model
 

@@ -32,7 +32,6 @@ from typing import Any
 
 from lynx_zoo.data.images import open_rgb
 from lynx_zoo.data.manifest import ManifestError, parse_line
-from lynx_zoo.data.prepared import INDEX_NAME, REPORT_NAME, read_report
 from lynx_zoo.data.sources import (
     IMAGE_EXTENSIONS,
     ConversationSource,
@@ -41,6 +40,8 @@ from lynx_zoo.data.sources import (
     VideoQASource,
     conversation_pairs,
     expand_pattern,
+    is_complete_sample,
+    shard_member,
     shard_text,
 )
 from lynx_zoo.data.video import read_video_frames
@@ -141,15 +142,13 @@ class SampleWriter:
         try:
             with tarfile.open(path, mode="r|") as tar:  # streamed: members in the order they were written
                 for member in tar:
-                    folder, _, name = member.name.removeprefix("./").rpartition("/")
-                    if not member.isfile() or "." not in name:
+                    if (found := shard_member(member)) is None:
                         continue
-                    stem, _, ext = name.partition(".")  # WebDataset: the key is all before the first dot
-                    member_key = f"{folder}/{stem}" if folder else stem
+                    member_key, ext = found
                     if member_key != key:
                         yield from self._shard_sample(path, key, members, skip)
                         key, members = member_key, {}
-                    members[ext.lower()] = tar.extractfile(member).read()
+                    members[ext] = tar.extractfile(member).read()
         except (OSError, tarfile.TarError, EOFError) as err:
             skip("unreadable_shard", f"{path}: {err} (the samples after {key!r} are lost)")
             return
@@ -161,10 +160,10 @@ class SampleWriter:
         if key is None:
             return
         where = f"{path}:{key}"
-        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
-        if image_ext is None or not ("json" in members or "txt" in members):
+        if not is_complete_sample(members):
             skip("incomplete_sample", f"{where}: lacks an image or a json/txt member: {sorted(members)}")
             return
+        image_ext = next(ext for ext in IMAGE_EXTENSIONS if ext in members)
         try:
             question, answer = shard_text(members)
         except ValueError as err:
@@ -283,7 +282,9 @@ def prepare(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write the prepared data set of ``inputs`` (of ``kind``) to the folder ``output``; returns its report."""
-    from litdata import optimize  # (lynx_zoo.data.prepared turned LitData's PyPI check off)
+    # LitData is imported here, not for --help (lynx_zoo.data.prepared turns LitData's PyPI check off first)
+    from lynx_zoo.data.prepared import INDEX_NAME, REPORT_NAME, read_report  # isort: split
+    from litdata import optimize
 
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}: expected one of {', '.join(KINDS)}")
@@ -398,6 +399,8 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError) as err:  # ManifestError and DataError included
         print(f"lynx_zoo data prepare: error: {err}", file=sys.stderr)
         return 1
+    from lynx_zoo.data.prepared import REPORT_NAME
+
     skipped = ", ".join(f"{reason} {n}" for reason, n in report["skipped"].items()) or "none"
     print(
         f"{args.output}: {report['samples']} samples in {report['chunks']} chunks ({report['bytes'] / 1e6:.1f} MB), "

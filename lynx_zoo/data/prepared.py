@@ -29,6 +29,10 @@ import torch  # noqa: E402
 
 try:
     from litdata import StreamingDataset
+
+    # LitData takes serializers by name (``StreamingDataset(serializers=...)``, public) but lists its own built-in
+    # names only in the private ``_SERIALIZERS`` (see Lightning-AI/litData#125, which made passed serializers win
+    # over the built-in ones); each built-in name lynx_zoo does not store is replaced by one that refuses
     from litdata.streaming.serializers import _SERIALIZERS, Serializer
 except ImportError as err:  # an optional dependency: say which
     raise ImportError(f"prepared data sets need LitData: pip install 'lynx-zoo[stream]' ({err})") from err

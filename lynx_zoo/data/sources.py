@@ -29,7 +29,7 @@ import random
 import re
 import tarfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -500,6 +500,21 @@ def expand_pattern(pattern: str) -> list[Path]:
     return [Path(pattern)]
 
 
+def shard_member(member: tarfile.TarInfo) -> tuple[str, str] | None:
+    """A tar shard member's WebDataset sample key and extension (the key is all before the name's first dot, the
+    folder included; the extension lower-cased), or ``None`` for a member that is no sample file."""
+    folder, _, name = member.name.removeprefix("./").rpartition("/")
+    if not member.isfile() or "." not in name:
+        return None
+    stem, _, ext = name.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def is_complete_sample(extensions: Collection[str]) -> bool:
+    """Whether a shard sample's members (by extension) hold an image and its text (``json`` or ``txt``)."""
+    return any(e in extensions for e in IMAGE_EXTENSIONS) and ("json" in extensions or "txt" in extensions)
+
+
 def _index_shard(path: Path, skipped: Counter, strict: bool) -> _Shard:
     """Keys and member byte ranges of a tar shard, from its headers (the data is not read).
 
@@ -513,12 +528,9 @@ def _index_shard(path: Path, skipped: Counter, strict: bool) -> _Shard:
         try:
             with tarfile.open(path, mode="r:") as tar:
                 for member in tar:
-                    folder, _, name = member.name.removeprefix("./").rpartition("/")
-                    if not member.isfile() or "." not in name:
-                        continue
-                    stem, _, ext = name.partition(".")  # WebDataset: the key is all before the first dot
-                    key = f"{folder}/{stem}" if folder else stem
-                    grouped.setdefault(key, {})[ext.lower()] = (member.offset_data, member.size)
+                    if (found := shard_member(member)) is not None:
+                        key, ext = found
+                        grouped.setdefault(key, {})[ext] = (member.offset_data, member.size)
         except (OSError, tarfile.TarError) as err:
             if strict:
                 raise DataError(f"{path}: unreadable tar shard: {err}") from err
@@ -528,7 +540,7 @@ def _index_shard(path: Path, skipped: Counter, strict: bool) -> _Shard:
             _write_index(path, cache, grouped)
     keys, members = [], []
     for key, exts in grouped.items():
-        if any(e in exts for e in IMAGE_EXTENSIONS) and ("json" in exts or "txt" in exts):
+        if is_complete_sample(exts):
             keys.append(key)
             members.append(exts)
         else:

@@ -5,20 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    from lynx_zoo.evaluation.judges import Judge
 
-from lynx_zoo.evaluation.judges import (
-    ExactMatchJudge,
-    Judge,
-    JudgeBudget,
-    JudgementCache,
-    OpenAIChatJudge,
-    TransformersJudge,
-)
-from lynx_zoo.evaluation.report import write_report
-from lynx_zoo.evaluation.runner import BENCHMARK_KINDS, Evaluator, parse_benchmark, parse_variant
-from lynx_zoo.llm import LLMConfig
+# The options are parsed before the runner, the judges and torch are imported, so --help answers at once.
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
@@ -71,7 +63,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8, help="questions per generate call (default: 8)")
     parser.add_argument("--max-new-tokens", type=int, help="default: the model's eval_generation")
     parser.add_argument("--num-beams", type=int, help="default: the model's eval_generation")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="default: cuda where available, else cpu")
     parser.add_argument("--model-class", help="for checkpoints that record no class: a registered one (PrefixLynx)")
     judge = parser.add_argument_group("judge (openvqa benchmarks)")
     judge.add_argument(
@@ -107,6 +99,9 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 def build_judge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Judge:
     """The judge the ``--judge*`` options describe."""
+    from lynx_zoo.evaluation.judges import ExactMatchJudge, OpenAIChatJudge, TransformersJudge
+    from lynx_zoo.llm.causal_lm import LLMConfig
+
     if args.judge == "exact":
         return ExactMatchJudge()
     if not args.judge_model:
@@ -130,6 +125,12 @@ def evaluate_main(argv: list[str]) -> list[Path]:
     """``evaluate``: run the benchmarks for every model; returns the results files written."""
     parser = evaluate_parser()
     args = parser.parse_args(argv)
+    import torch
+
+    from lynx_zoo.evaluation.judges import ExactMatchJudge, JudgeBudget, JudgementCache
+    from lynx_zoo.evaluation.runner import BENCHMARK_KINDS, Evaluator, parse_benchmark, parse_variant
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     benchmarks = [parse_benchmark(kind, spec) for kind in BENCHMARK_KINDS for spec in getattr(args, kind)]
     if not benchmarks:
         parser.error("no benchmark given: use --vqa, --openvqa, --mme or --owleval")
@@ -174,6 +175,8 @@ def report_main(argv: list[str]) -> Path:
     parser.add_argument("results", nargs="+", type=Path, help="results JSON files or folders")
     parser.add_argument("--out", type=Path, default=Path("report"), help="output folder (default: report)")
     args = parser.parse_args(argv)
+    from lynx_zoo.evaluation.report import write_report
+
     report = write_report(args.results, args.out)
     print(report)
     return report

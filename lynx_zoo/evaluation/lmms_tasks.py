@@ -29,8 +29,6 @@ import yaml
 
 from lynx_zoo.data.images import open_rgb
 from lynx_zoo.data.manifest import read_manifest
-from lynx_zoo.evaluation.mme import load_mme
-from lynx_zoo.evaluation.runner import split_spec
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +198,8 @@ def write_mme_task(root: str | Path, out: str | Path, name: str = "mme_local", l
     which lmms-eval's scorer pairs questions by), ``image``, ``question``, ``answer`` (``Yes``/``No``) and
     ``category`` (the subtask). ``limit``: the first ``limit`` images of every subtask.
     """
+    from lynx_zoo.evaluation.mme import load_mme  # torchmetrics: imported after --help
+
     root, out = Path(root), Path(out)
     datasets = _datasets()
     include = lmms_eval_mme_yaml()
@@ -235,6 +235,8 @@ def write_mme_task(root: str | Path, out: str | Path, name: str = "mme_local", l
 def _named(spec: str, kind: str) -> tuple[str, Path]:
     """``NAME=PATH`` or ``PATH`` (read as ``evaluate`` reads them: :func:`~lynx_zoo.evaluation.runner.split_spec`),
     named ``<file stem>_<kind>`` (MME: ``mme_local``) when no name is given."""
+    from lynx_zoo.evaluation.runner import split_spec  # the evaluator: imported after --help
+
     name, path = split_spec(spec)
     if name is None:
         name = f"{path.stem}_{kind}" if kind != "mme" else "mme_local"

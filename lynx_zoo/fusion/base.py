@@ -28,6 +28,7 @@ from lynx_zoo.bridge import BridgeConfig, build_bridge
 from lynx_zoo.data.answers import metric_key, normalize_answer
 from lynx_zoo.data.packing import PackedRows, samples_in
 from lynx_zoo.data.processor import IGNORE_INDEX, LynxProcessor, PromptConfig, Sample
+from lynx_zoo.errors import listed_problems
 from lynx_zoo.generation import ImageLike, VideoLike, generation_settings, image_batch, seeded, video_batch
 from lynx_zoo.llm import LLMConfig, build_llm, load_tokenizer
 from lynx_zoo.llm.layers import InsertedBlock
@@ -35,6 +36,7 @@ from lynx_zoo.metrics import CategoryAccuracy
 from lynx_zoo.training.callbacks import SkippedSampleReport
 from lynx_zoo.training.checkpoint_io import read_torch_checkpoint
 from lynx_zoo.training.distributed import (
+    attached_trainer,
     configure_lynx_model,
     ddp_anchor,
     destroy_process_group_at_exit,
@@ -381,7 +383,7 @@ class LynxModel(L.LightningModule):
         if stage == "fit" and self.init_from:
             self.load_weights(self.init_from)
             self.init_from = None  # once: a second fit() must not go back to the starting weights
-        categories = getattr(getattr(self._trainer, "datamodule", None), "categories", None)
+        categories = getattr(getattr(attached_trainer(self), "datamodule", None), "categories", None)
         keys = sorted({metric_key(c) for c in categories or []})
         if keys and (self.val_accuracy is None or self.val_accuracy.categories != keys):
             self.val_accuracy = CategoryAccuracy(keys).to(self.device)
@@ -419,10 +421,10 @@ class LynxModel(L.LightningModule):
         own = self.state_dict()
         mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
         unexpected = [k for k in state if k not in own]
-        if mismatched or unexpected:
+        problems = listed_problems(("shape mismatches", mismatched), ("unknown keys", unexpected))
+        if problems:
             raise ValueError(
-                f"init_from {path}: does not fit this model: shape mismatches {mismatched[:5]}, "
-                f"unknown keys {unexpected[:5]} (a different fusion, bridge or LLM?)"
+                f"init_from {path}: does not fit this model: {problems} (a different fusion, bridge or LLM?)"
             )
         self.load_state_dict(state, strict=False)
 
@@ -437,7 +439,8 @@ class LynxModel(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         size = batch["input_ids"].shape[0]
-        distributed = self._trainer is not None and self._trainer.world_size > 1
+        trainer = attached_trainer(self)
+        distributed = trainer is not None and trainer.world_size > 1
         if size == 0:  # every sample was unreadable
             if not distributed:
                 return None  # nothing to learn from, and no other process waits for this one
@@ -447,7 +450,7 @@ class LynxModel(L.LightningModule):
         else:
             loss = self(**model_inputs(batch)).loss
             self.log("train/loss", loss, prog_bar=True, batch_size=samples_in(batch))
-        if isinstance(self._trainer and self._trainer.strategy, DDPStrategy):
+        if isinstance(trainer and trainer.strategy, DDPStrategy):
             loss = ddp_anchor(loss, self.trainable_parameters())
         return loss
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from lynx_zoo.fusion.base import LynxModel
 from lynx_zoo.resources import config_path, shipped, shipped_configs
+
+if TYPE_CHECKING:  # the model is imported when one is loaded, so each command's --help answers at once
+    from lynx_zoo.fusion.base import LynxModel
 
 PROG = "python -m lynx_zoo"
 

@@ -31,6 +31,7 @@ from transformers import PreTrainedTokenizerFast
 
 from lynx_zoo.adapters import AdapterConfig
 from lynx_zoo.bridge import BridgeConfig
+from lynx_zoo.data import import_config_classes
 from lynx_zoo.data.processor import PromptConfig
 from lynx_zoo.fusion.base import LynxModel
 from lynx_zoo.fusion.registry import class_path, model_class, registered_class_of
@@ -205,6 +206,7 @@ def parse_fit_args(args: Sequence[str]) -> dict[str, Any]:
 @functools.cache
 def fit_parser() -> LightningArgumentParser:
     """The parser of ``fit``'s configuration (trainer, model, data), built once: it introspects every class."""
+    import_config_classes()
     parser = LightningArgumentParser(exit_on_error=False, default_env=False)
     parser.add_argument("-c", "--config", action=ActionConfigFile)
     parser.add_argument("--seed_everything", type=typing.Union[bool, int], default=True)

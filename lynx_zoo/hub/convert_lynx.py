@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from lynx_zoo.errors import listed_problems
 from lynx_zoo.hub.config import ModelConfig
 from lynx_zoo.hub.export import write_variant
 from lynx_zoo.hub.weights import base_prefixes, variant_keys
@@ -111,16 +112,14 @@ def convert_state(
             continue
         converted[target] = tensor.to(own[target].dtype).contiguous()
     missing = [k for k in wanted if k not in converted]
-    problems = []
-    if mismatched:
-        problems.append(f"shapes differ from the lynx_zoo config ({len(mismatched)}): {mismatched[:5]}")
-    if unknown:
-        problems.append(f"keys with no lynx_zoo counterpart ({len(unknown)}): {unknown[:5]}")
-    if missing:
-        problems.append(f"weights the variant needs but the checkpoint lacks ({len(missing)}): {missing[:5]}")
+    problems = listed_problems(
+        ("shapes differ from the lynx_zoo config", mismatched),
+        ("keys with no lynx_zoo counterpart", unknown),
+        ("weights the variant needs but the checkpoint lacks", missing),
+    )
     if problems:
         raise ValueError(
-            f"convert-lynx {source}: " + "; ".join(problems) + ". Pick the lynx_zoo config that matches the "
+            f"convert-lynx {source}: " + problems + ". Pick the lynx_zoo config that matches the "
             "checkpoint (--config: resolution, resampler size, adapter placement, num_frames)"
         )
     return converted, base_keys

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from lynx_zoo.errors import listed_problems
 from lynx_zoo.fusion.base import LynxModel
 from lynx_zoo.fusion.registry import model_class as registered_class
 from lynx_zoo.hub.config import CONFIG_FILE, WEIGHTS_FILE, ModelConfig, check_format, read_json
@@ -186,17 +187,15 @@ def load_weights(model: LynxModel, path: Path, changed_tokenizer: bool = False) 
         if k in own and tuple(own[k].shape) != shapes[k]
     ]
     missing = sorted(wanted - set(shapes))
-    if unexpected or mismatched or missing:
-        problems = []
-        if mismatched:
-            problems.append(f"wrong shapes for this config ({len(mismatched)}): {mismatched[:5]}")
-        if unexpected:
-            problems.append(f"keys the model does not have ({len(unexpected)}): {unexpected[:5]}")
-        if missing:
-            problems.append(f"weights the variant should hold but does not ({len(missing)}): {missing[:5]}")
+    problems = listed_problems(
+        ("wrong shapes for this config", mismatched),
+        ("keys the model does not have", unexpected),
+        ("weights the variant should hold but does not", missing),
+    )
+    if problems:
         raise VariantError(
             f"{path}: does not fit the model that config.json describes ({type(model).__name__}): "
-            + "; ".join(problems)
+            + problems
             + ". The weights and config.json belong to different variants (a different fusion, bridge, "
             "adapter placement or LLM?); export the variant again"
         )

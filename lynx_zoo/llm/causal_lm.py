@@ -108,9 +108,12 @@ def build_llm(config: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
         hf_config = _architecture(config, len(tokenizer))
         for key in ("bos_token_id", "eos_token_id"):
             setattr(hf_config, key, getattr(tokenizer, key))
-        if config.attn_implementation:
-            hf_config._attn_implementation = config.attn_implementation
-        llm = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=config.trust_remote_code)
+        llm = AutoModelForCausalLM.from_config(
+            hf_config,
+            dtype=dtype,
+            trust_remote_code=config.trust_remote_code,
+            attn_implementation=config.attn_implementation,
+        )
     _fit_embeddings(llm, tokenizer)
     llm.config.pad_token_id = tokenizer.pad_token_id
     llm.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -20,7 +20,6 @@ import torch
 
 from lynx_zoo.data.feature_cache import DTYPES, INDEX_NAME, write_feature_cache
 from lynx_zoo.data.sources import ConversationSource, ImageTextSource, ShardSource, Source, VideoQASource
-from lynx_zoo.vision import VisionEncoder
 
 KINDS = ("image_text", "video_qa", "conversation", "shards", "prepared")
 
@@ -54,6 +53,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from lynx_zoo.hub.config import ModelConfig  # the model configs, resolved as fit resolves them
+    from lynx_zoo.vision.encoder import VisionEncoder  # timm: imported after --help
 
     vision = ModelConfig.from_files(args.config)[0].vision
     start = time.perf_counter()

@@ -16,6 +16,7 @@ has the result of this repository's machine).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -42,6 +43,15 @@ def region_modules(model: LynxModel, region: str) -> list[nn.Module]:
     raise ValueError(f"compile: unknown region {region!r}; choose among {list(REGIONS)}")
 
 
+# The blocks compile_regions compiled: torch has no public way to ask a module whether ``nn.Module.compile`` ran on it
+_COMPILED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def is_compiled(block: nn.Module) -> bool:
+    """Whether :func:`compile_regions` compiled ``block``."""
+    return block in _COMPILED
+
+
 def compile_regions(
     model: LynxModel,
     regions: Sequence[str] = ("llm_layers",),
@@ -54,8 +64,9 @@ def compile_regions(
     lengths do). Returns the number of compiled blocks."""
     blocks = [block for region in regions for block in region_modules(model, region)]
     for block in blocks:
-        if getattr(block, "_compiled_call_impl", None) is None:
+        if block not in _COMPILED:
             block.compile(dynamic=dynamic, mode=mode, backend=backend)
+            _COMPILED.add(block)
     return len(blocks)
 
 

@@ -24,10 +24,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import lightning as L
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+
+# torch's composable activation checkpointing (pytorch/pytorch#87664: hooks, names and types kept) has no public
+# path yet; torch's public alternative, a CheckpointWrapper module, would rename every parameter (see
+# NVIDIA-NeMo/Automodel#2956 on the same choice)
 from torch.distributed._composable import checkpoint
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -197,10 +202,18 @@ def _average_grads_over(mesh: DeviceMesh) -> Callable[[torch.Tensor], None]:
     return hook
 
 
+def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
+    """The Trainer ``module`` is attached to, or ``None`` (Lightning's public ``trainer`` raises when there is none)."""
+    try:
+        return module.trainer
+    except RuntimeError:
+        return None
+
+
 def configure_lynx_model(model: LynxModel) -> None:
     """What ``LynxModel.configure_model`` does: activation checkpointing if the strategy asks for it, then
     FSDP2 sharding if the strategy gave the model a device mesh. Idempotent (Lightning may call it again)."""
-    trainer = model._trainer
+    trainer = attached_trainer(model)
     # the zoo's strategy carries its settings; Lightning's ModelParallelStrategy shards with FSDP2's defaults
     ours = trainer.strategy if trainer is not None and isinstance(trainer.strategy, LynxFSDP2Strategy) else None
     if ours is not None and ours.activation_checkpointing:

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from fsspec.utils import get_protocol
 from jsonargparse import Namespace
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lynx_zoo.errors import ResumeError
@@ -75,7 +75,7 @@ def resolve_last(trainer: L.Trainer) -> str | None:
     ``None`` (Lightning's own ``last``) for checkpoints in an object store; a :class:`ResumeError` saying where it
     looked when there is none."""
     dirpaths = [str(c.dirpath) for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
-    if any(not _is_local_file_protocol(d) for d in dirpaths):
+    if any(get_protocol(d) != "file" for d in dirpaths):
         return None
     if not dirpaths:
         raise ResumeError(

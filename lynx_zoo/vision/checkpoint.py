@@ -30,6 +30,8 @@ from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from lynx_zoo.errors import listed_problems
+
 log = logging.getLogger(__name__)
 
 # the prefix of the tower's weights in a Lynx release checkpoint (models/lynx.py: self.vision_encoder)
@@ -163,15 +165,13 @@ def fit_to_tower(state: dict[str, torch.Tensor], model: nn.Module, source: str) 
     mismatched = [
         f"{k}: file {tuple(v.shape)}, tower {tuple(own[k].shape)}" for k, v in fitted.items() if v.shape != own[k].shape
     ]
-    if missing or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"weights the tower needs but the file lacks ({len(missing)}): {missing[:6]}")
-        if mismatched:
-            problems.append(f"shapes that differ ({len(mismatched)}): {mismatched[:6]}")
+    problems = listed_problems(
+        ("weights the tower needs but the file lacks", missing), ("shapes that differ", mismatched), shown=6
+    )
+    if problems:
         raise ValueError(
             f"{source}: does not fit the vision tower: "
-            + "; ".join(problems)
+            + problems
             + " (check vision.model_name, vision.model_kwargs and vision.num_blocks)"
         )
     return fitted
