@@ -428,6 +428,32 @@ def gpu_full_size_findings(result: dict[str, Any]) -> str:
     )
 
 
+# ------------------------------------------------------------------------------------------------ README.md
+
+
+@renderer("demo_reproduce")
+def demo_reproduce(result: dict[str, Any]) -> str:
+    runs = result["runs"]
+    header = ["category", *(f"seed {r['seed']}, {r['cpu_capability']}" for r in runs), "range", "chance", "oracle"]
+    rows = [
+        [category, *(f"{v:.3f}" for v in row["runs"]), f"{row['min']:.3f} – {row['max']:.3f}",
+         f"{row['chance']:.3f}", f"{row['oracle']:.3f}"]
+        for category, row in result["categories"].items()
+    ]  # fmt: skip
+    walls = ", ".join(f"{r['wall_s'] / 60:.1f} min" for r in runs)
+    targets, meets = result["targets"], result["meets_targets"]
+    verdict = "met" if all(meets.values()) else "not met: " + ", ".join(k for k, ok in meets.items() if not ok)
+    return "\n".join(
+        [
+            table(header, rows),
+            "",
+            f"Training wall time per run: {walls}. The demo's targets (every category >= "
+            f"{targets['min_accuracy']:.2f} in every run, a spread of at most {targets['max_spread']:.2f}, at most "
+            f"{targets['max_wall_s'] / 60:.0f} min a run): {verdict}.",
+        ]
+    )
+
+
 # ------------------------------------------------------------------------------------------------ scale.md
 
 
