@@ -163,14 +163,13 @@ def oracle_answer(objects: list[dict], question: str) -> str | None:
     questions; None when they do not decide it (no object, or several, fits)."""
     if question == "how many shapes are there?":
         return NUMBERS[len(objects) - 1] if 1 <= len(objects) <= len(NUMBERS) else None
-    words = question.rstrip("?").split()
+    # the words naming the object come after "what color is" / "what shape is" / "where is the"
+    named = set(question.rstrip("?").split()[3:]) & {*SHAPES, *COLOURS}
+    in_quadrant = " in the " in question
     fits = [
         o
         for o in objects
-        if all(
-            w not in (*SHAPES, *COLOURS) or w in (o["shape"], o["colour"]) for w in words[3:]
-        )  # the words naming the object, after "what color is" / "what shape is" / "where is the"
-        and (" in the " not in question or question.rstrip("?").endswith(o["quadrant"]))
+        if named <= {o["shape"], o["colour"]} and (not in_quadrant or question.rstrip("?").endswith(o["quadrant"]))
     ]
     if len(fits) != 1:
         return None
