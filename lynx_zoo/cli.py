@@ -3,7 +3,7 @@
 The training loops (``fit``, ``validate``, ``test``, ``predict``) are LightningCLI's, over every registered
 :class:`LynxModel` and every DataModule (:class:`lynx_zoo.training.lightning_cli.LynxCLI`); the other commands live
 with their design axis
-(:mod:`lynx_zoo.hub.cli`, :mod:`lynx_zoo.evaluation.cli`, :mod:`lynx_zoo.stages`) and are listed here.
+(:mod:`lynx_zoo.hub.cli`, :mod:`lynx_zoo.evaluation.cli`, :mod:`lynx_zoo.recipes`) and are listed here.
 """
 
 from __future__ import annotations
@@ -80,10 +80,10 @@ COMMANDS: dict[str, Command] = {
         _lazy("lynx_zoo.evaluation.lmms_tasks", "main"),
         (OSError, ValueError, ImportError),
     ),
-    "stages": Command("train a grid row through the paper's stages", _lazy("lynx_zoo.stages", "main")),
+    "stages": Command("train a grid row through the paper's stages", _lazy("lynx_zoo.recipes.stages", "main")),
     "study": Command(
         "the frozen-LLM study on a CPU: stage 0, every row over 3 seeds, the report",
-        _lazy("lynx_zoo.study", "main"),
+        _lazy("lynx_zoo.recipes.study", "main"),
         (OSError, ValueError, RuntimeError),  # a failed run is a RuntimeError naming its log
     ),
     "data": Command(

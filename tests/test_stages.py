@@ -14,9 +14,17 @@ import yaml
 from media import save_photos, write_jsonl
 
 from lynx_zoo.cli import main
+from lynx_zoo.data.sources import ImageTextSource, TextSource
+from lynx_zoo.recipes.stages import has_text_data
 
 REPO = Path(__file__).resolve().parents[1]
 CA_TRAINABLE = REPO / "configs" / "grid" / "ca_vicuna_420_trainable_llm.yaml"
+
+
+class CaptionsAsText(ImageTextSource):
+    """A source of an outside package that declares its samples text-only."""
+
+    text_only = True
 
 
 def stages(*args: str) -> subprocess.CompletedProcess:
@@ -118,3 +126,14 @@ def test_the_ca_trainable_llm_row_needs_text_data_in_stage_two(tiny_row, tmp_pat
     real = [REPO / "configs" / "pt_vicuna_420.yaml", CA_TRAINABLE]
     assert main(["stages", *config_args(real), "--out", str(tmp_path / "real"), "--dry-run"]) == 0
     assert capsys.readouterr().out.count("-m lynx_zoo fit") == 3
+
+
+def test_text_data_is_what_a_source_declares_not_its_class_name():
+    def mixture_of(*classes: type) -> dict:
+        return {"init_args": {"sources": [{"class_path": f"{c.__module__}.{c.__qualname__}"} for c in classes]}}
+
+    assert has_text_data(mixture_of(ImageTextSource, TextSource))
+    assert has_text_data(mixture_of(CaptionsAsText))
+    assert not has_text_data(mixture_of(ImageTextSource))
+    with pytest.raises(ValueError, match="'builtins.dict' is not a data source"):
+        has_text_data(mixture_of(dict))

@@ -12,7 +12,9 @@ import pytest
 import torch
 from conftest import REPO
 
-from lynx_zoo.data.shapes_study import (
+from lynx_zoo.hub.config import ModelConfig
+from lynx_zoo.hub.variants import VARIANTS
+from lynx_zoo.recipes.shapes_study import (
     PATTERNS,
     PHRASINGS,
     TRAIN_PHRASINGS,
@@ -23,9 +25,7 @@ from lynx_zoo.data.shapes_study import (
     shapes_study_tokenizer,
     write_shapes_study,
 )
-from lynx_zoo.hub.config import ModelConfig
-from lynx_zoo.hub.variants import VARIANTS
-from lynx_zoo.study import ROWS
+from lynx_zoo.recipes.study import ROWS
 from lynx_zoo.vision import VisionConfig, VisionEncoder
 
 CARDS = REPO / "model_cards"

@@ -25,7 +25,11 @@ torch.set_num_threads(int(os.environ.get("THREADS", "1")))
 from lynx_zoo.adapters import AdapterConfig  # noqa: E402
 from lynx_zoo.bridge import BridgeConfig  # noqa: E402
 from lynx_zoo.data.processor import IGNORE_INDEX, PromptConfig, Sample  # noqa: E402
-from lynx_zoo.data.shapes_study import (  # noqa: E402
+from lynx_zoo.fusion.cross_attn import CrossAttnConfig, CrossAttnLynx  # noqa: E402
+from lynx_zoo.fusion.prefix import PrefixLynx  # noqa: E402
+from lynx_zoo.hub.export import save_llm  # noqa: E402
+from lynx_zoo.llm import LLMConfig  # noqa: E402
+from lynx_zoo.recipes.shapes_study import (  # noqa: E402
     PHRASINGS,
     caption,
     draw_scene,
@@ -33,10 +37,6 @@ from lynx_zoo.data.shapes_study import (  # noqa: E402
     questions,
     render,
 )
-from lynx_zoo.fusion.cross_attn import CrossAttnConfig, CrossAttnLynx  # noqa: E402
-from lynx_zoo.fusion.prefix import PrefixLynx  # noqa: E402
-from lynx_zoo.hub.export import save_llm  # noqa: E402
-from lynx_zoo.llm import LLMConfig  # noqa: E402
 from lynx_zoo.training.optim import OptimizerConfig, build_optimizer  # noqa: E402
 from lynx_zoo.vision import VisionConfig  # noqa: E402
 

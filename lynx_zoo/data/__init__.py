@@ -9,7 +9,6 @@ if TYPE_CHECKING:
     from lynx_zoo.data.manifest import ManifestError, read_manifest
     from lynx_zoo.data.mixture import MixtureDataModule
     from lynx_zoo.data.processor import IGNORE_INDEX, LynxProcessor, PromptConfig, PromptCutWarning, Sample, Skipped
-    from lynx_zoo.data.shapes_study import ShapesStudyDataModule
     from lynx_zoo.data.sources import (
         ConversationSource,
         DataError,
@@ -28,7 +27,7 @@ __getattr__, __dir__ = lazy_exports(__name__, __file__)
 def import_config_classes() -> None:
     """Import every DataModule and source of the zoo, so that a config may name one by its short class name
     (``class_path: MixtureDataModule``): LightningCLI finds subclasses among the classes imported."""
-    from lynx_zoo.data import datamodule, mixture, shapes_study, sources  # noqa: F401
+    from lynx_zoo.data import datamodule, mixture, sources  # noqa: F401
 
 
 __all__ = [
@@ -49,7 +48,6 @@ __all__ = [
     "PromptConfig",
     "PromptCutWarning",
     "Sample",
-    "ShapesStudyDataModule",
     "ShapesVQADataModule",
     "Skipped",
     "VQADataModule",

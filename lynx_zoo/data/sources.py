@@ -84,6 +84,7 @@ class Source(Dataset):
     """
 
     kind: ClassVar[str] = "source"
+    text_only: ClassVar[bool] = False  # its samples carry no image or video (Lynx's NLP data)
 
     def __init__(self, name: str | None = None, ratio: float = 1.0, task: str = "") -> None:
         if ratio < 0:
@@ -275,6 +276,7 @@ class TextSource(ManifestSource):
 
     kind = "text"
     required = ("instruction", "answer")
+    text_only = True
 
     def load(self, index: int, seed: str) -> Sample:
         record = self.records[index]

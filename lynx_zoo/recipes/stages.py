@@ -88,9 +88,19 @@ def _callbacks(trainer: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
     return callbacks
 
 
-def _has_text_data(data: dict[str, Any]) -> bool:
-    sources = (data.get("init_args") or {}).get("sources") or []
-    return any(str(s.get("class_path", "")).rpartition(".")[2] == "TextSource" for s in sources)
+def has_text_data(data: dict[str, Any]) -> bool:
+    """Whether the resolved DataModule ``data`` mixes in a text-only source (:attr:`Source.text_only`)."""
+    from lynx_zoo.data.sources import Source
+
+    for source in (data.get("init_args") or {}).get("sources") or []:
+        class_path = str(source.get("class_path", ""))
+        module, _, name = class_path.rpartition(".")
+        cls = getattr(sys.modules.get(module), name, None)  # the parse imported it: nothing is imported here
+        if not (isinstance(cls, type) and issubclass(cls, Source)):
+            raise ValueError(f"stages: data.init_args.sources: {class_path!r} is not a data source (Source)")
+        if cls.text_only:
+            return True
+    return False
 
 
 def plan(
@@ -132,7 +142,7 @@ def plan(
             },
         }
         if stage.data == "stage2" and _trains_llm_through_cross_attention(resolved["model"]):
-            if not _has_text_data(resolved["data"]):
+            if not has_text_data(resolved["data"]):
                 raise ValueError(
                     f"stages: {' + '.join(str(c) for c in configs)} trains its LLM through cross-attention (the "
                     "paper's 'CA, trainable LLM + text data' row), but its stage-2 data has no text-only source "
