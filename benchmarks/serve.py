@@ -6,13 +6,17 @@ random bridge; the cost per token is the trained model's), so that the model's c
 Each client is a keep-alive HTTP connection in one asyncio loop of this process (a lean client: see
 ``Connection``) sending streamed requests: a question about one of the chat page's example scenes (a PNG data
 URL), with or without a longer context before it, and ``max_tokens`` of 8, 16, 24 or 32 in turn; it sends its next
-request when the answer has arrived. Per level: a warm-up, then ``--seconds`` of measurement; requests/s, p50 and
-p95 latency, p50 and p95 time to first token, mean sequences per decode step. Both servers run as child processes
-started with the command line a user types, and the levels alternate between them, ``--repetitions`` times.
+request when the answer has arrived. A level (a server and a number of clients) runs a fixed number of requests:
+``--requests-per-client`` each, more where that makes fewer than ``--min-requests`` in all, and ends when all have
+been answered, so that it cannot end empty (a request that fails, or takes over ``--request-timeout`` seconds, is
+an error naming the level). Per level: requests/s and generated tokens/s over the level's wall time, p50 and p95
+latency, p50 and p95 time to first token, mean sequences per decode step and requests per prefill. Both servers run
+as child processes started with the command line a user types, each warmed up once, and the levels alternate
+between them (which one goes first alternates too), ``--repetitions`` times.
 
 Targets (issue 26): at 32 clients, at least 4x the unbatched requests/s; at 8 clients, a p95 latency at most 2x the
-single-client p50 (same server); time-to-first-token p95 reported. The table in docs/serving.md is rendered from
-the results (``render_docs``; ``--render-docs`` redoes it from benchmarks/results/serve.json).
+single-client p50 (same server); time-to-first-token p95 reported. Writes benchmarks/results/serve.json;
+``python benchmarks/render_docs.py`` renders docs/serving.md's block from it.
 
     python benchmarks/serve.py                        # PT over SmolLM2-135M, untrained bridge
     python benchmarks/serve.py --variant FOLDER       # any variant
@@ -24,6 +28,7 @@ import argparse
 import asyncio
 import base64
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -31,12 +36,14 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scale_common import RESULTS, report
+from record import finish_record, run_record
 
 REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
 
 
 class Server:
@@ -56,6 +63,7 @@ class Server:
                 self.process.kill()
                 raise RuntimeError("the server did not start:\n" + log.read_text()[-3000:])
             time.sleep(0.1)
+        self.started = started[0]  # "serving NAME on URL (batching, torch threads, key; ...)"
         self.url = started[0].split(" on ", 1)[1].split()[0]
 
     @property
@@ -100,8 +108,9 @@ class Connection:
         self.writer.close()
         await self.writer.wait_closed()
 
-    async def stream(self, path: str, body: bytes) -> tuple[int, float | None, str]:
-        """POST a streamed request: its status, the time its first content delta arrived, and its text."""
+    async def stream(self, path: str, body: bytes) -> tuple[int, float | None, int, str]:
+        """POST a streamed request: its status, the time its first content delta arrived, the tokens generated (its
+        usage chunk) and its text (the error body if it failed)."""
         head = f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
         self.writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
         await self.writer.drain()
@@ -112,8 +121,8 @@ class Connection:
             chunked |= name.lower() == "transfer-encoding" and "chunked" in value
             length = int(value) if name.lower() == "content-length" else length
         if not chunked:
-            return status, None, (await self.reader.readexactly(length)).decode()
-        first, text, buffer = None, "", b""
+            return status, None, 0, (await self.reader.readexactly(length)).decode()
+        first, tokens, text, buffer = None, 0, "", b""
         while size := int((await self.reader.readline()).strip(), 16):
             buffer += await self.reader.readexactly(size)
             await self.reader.readexactly(2)
@@ -122,12 +131,16 @@ class Connection:
                 data = event.decode().removeprefix("data: ")
                 if data == "[DONE]":
                     continue
-                for choice in json.loads(data).get("choices", []):
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    return 500, first, tokens, json.dumps(chunk["error"])
+                tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+                for choice in chunk.get("choices", []):
                     if choice["delta"].get("content"):
                         first = first or time.perf_counter()
                         text += choice["delta"]["content"]
         await self.reader.readexactly(2)
-        return status, first, text
+        return status, first, tokens, text
 
 
 #: the requests' mix: short and long prompts (a question, or a question after a longer context) and budgets
@@ -135,86 +148,115 @@ CONTEXTS = ("", "Look carefully at every shape in the scene, its colour, its siz
 MAX_TOKENS = (8, 16, 24, 32)
 
 
-async def load(
-    url: str, model: str, clients: int, seconds: float, requests: list[tuple[str, str]]
-) -> tuple[list[float], list[float]]:
-    """Latencies and times to first token (s) of the requests that ``clients`` closed-loop clients complete in
-    ``seconds`` (streamed, so that the first token's arrival is seen)."""
-    deadline = time.perf_counter() + seconds
-    latencies: list[float] = []
-    first_tokens: list[float] = []
-    bodies = [
-        json.dumps(
-            {
-                "model": model,
-                "stream": True,
-                "max_tokens": MAX_TOKENS[k % len(MAX_TOKENS)],
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": [
-                            {"type": "image_url", "image_url": {"url": image}},
-                            {"type": "text", "text": CONTEXTS[k % len(CONTEXTS)] + q},
-                        ],
-                    }
-                ],
-            }
-        ).encode()
-        for k, (image, q) in enumerate(requests)
-    ]
+def request_bodies(model: str, examples: list[tuple[str, str]]) -> list[bytes]:
+    """The streamed chat requests the clients send in turn: every example question, with each context and budget
+    (``max_tokens`` cycles faster than the context, so that every pairing occurs)."""
+    bodies = []
+    for k, (image, question) in enumerate(examples * len(CONTEXTS)):
+        content = [
+            {"type": "image_url", "image_url": {"url": image}},
+            {"type": "text", "text": CONTEXTS[(k // len(examples)) % len(CONTEXTS)] + question},
+        ]
+        body = {
+            "model": model,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": MAX_TOKENS[k % len(MAX_TOKENS)],
+            "messages": [{"role": "user", "content": content}],
+        }
+        bodies.append(json.dumps(body).encode())
+    return bodies
+
+
+@dataclass
+class Level:
+    """What one level measured: per request its latency, its time to first token (s) and its generated tokens;
+    and the level's wall time."""
+
+    name: str
+    latencies: list[float] = field(default_factory=list)
+    first_tokens: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+async def load(url: str, bodies: list[bytes], clients: int, per_client: int, timeout: float, name: str) -> Level:
+    """``clients`` closed-loop clients send ``per_client`` requests each (client ``i`` starts at body ``i``) and the
+    level ends when every one has been answered. A failed or timed-out request is an error naming the level."""
+    level = Level(name)
 
     async def client(index: int) -> None:
-        turn = index
         async with Connection(url) as connection:
-            while time.perf_counter() < deadline:
+            for turn in range(index, index + per_client * clients, clients):
                 start = time.perf_counter()
                 try:
-                    status, first, text = await asyncio.wait_for(
-                        connection.stream("/v1/chat/completions", bodies[turn % len(bodies)]), deadline - start
+                    status, first, tokens, text = await asyncio.wait_for(
+                        connection.stream("/v1/chat/completions", bodies[turn % len(bodies)]), timeout
                     )
-                except TimeoutError:  # abandoned at the deadline: closing the connection cancels it in the server
-                    return
+                except TimeoutError:
+                    raise RuntimeError(f"{name}: a request took over {timeout:.0f} s (--request-timeout)") from None
                 if status != 200:
-                    raise RuntimeError(f"request failed: {status} {text}")
-                latencies.append(time.perf_counter() - start)
-                first_tokens.append((first or time.perf_counter()) - start)
-                turn += clients
+                    raise RuntimeError(f"{name}: a request failed: {status} {text[:500]}")
+                level.latencies.append(time.perf_counter() - start)
+                level.first_tokens.append((first or time.perf_counter()) - start)
+                level.tokens.append(tokens)
 
+    started = time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(clients)))
-    return latencies, first_tokens
+    level.seconds = time.perf_counter() - started
+    return level
 
 
 def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (the nearest rank)."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def measure(server: Server, mode: str, clients: int, repetition: int, args: argparse.Namespace) -> dict[str, Any]:
-    """One level: warm-up, then ``args.seconds`` of ``clients`` closed-loop clients."""
-    requests = server.examples()
-    asyncio.run(load(server.url, server.model, clients, args.warmup, requests))
+def counted(health: dict[str, Any], key: str) -> tuple[int, int]:
+    """(events, sum of their sizes) of one of ``/health``'s size histograms (``step_rows``, ``prefill_sizes``)."""
+    sizes = health.get(key, {})
+    return sum(sizes.values()), sum(int(k) * v for k, v in sizes.items())
+
+
+def mean_size(before: dict[str, Any], after: dict[str, Any], key: str) -> float:
+    (events_before, total_before), (events_after, total_after) = counted(before, key), counted(after, key)
+    return round((total_after - total_before) / max(1, events_after - events_before), 2)
+
+
+def measure(
+    server: Server, bodies: list[bytes], mode: str, clients: int, repetition: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One level: ``clients`` closed-loop clients, a fixed number of requests (see the module)."""
+    name = f"level {mode} server, {clients} clients, repetition {repetition}"
+    per_client = max(args.requests_per_client, math.ceil(args.min_requests / clients))
     before = server.health()
-    latencies, first_tokens = asyncio.run(load(server.url, server.model, clients, args.seconds, requests))
+    level = asyncio.run(load(server.url, bodies, clients, per_client, args.request_timeout, name))
     after = server.health()
-    ms, ttft = [1000 * t for t in latencies], [1000 * t for t in first_tokens]
-    steps = after["steps"] - before["steps"]
-    rows_decoded = sum(after["step_rows"].get(k, 0) * int(k) for k in after["step_rows"]) - sum(
-        before["step_rows"].get(k, 0) * int(k) for k in before["step_rows"]
-    )
+    if not level.latencies:
+        raise RuntimeError(f"{name}: no request was answered")
+    ms, ttft = [1000 * t for t in level.latencies], [1000 * t for t in level.first_tokens]
     row = {
         "server": mode,
         "clients": clients,
         "repetition": repetition,
-        "requests": len(latencies),
-        "requests_per_s": len(latencies) / args.seconds,
-        "p50_ms": statistics.median(ms),
-        "p95_ms": percentile(ms, 0.95),
-        "ttft_p50_ms": statistics.median(ttft),
-        "ttft_p95_ms": percentile(ttft, 0.95),
-        "mean_step_rows": rows_decoded / max(1, steps),
+        "requests": len(ms),
+        "seconds": round(level.seconds, 2),
+        "requests_per_s": round(len(ms) / level.seconds, 3),
+        "tokens_per_s": round(sum(level.tokens) / level.seconds, 2),
+        "mean_tokens": round(statistics.mean(level.tokens), 2),
+        "p50_ms": round(statistics.median(ms), 1),
+        "p95_ms": round(percentile(ms, 0.95), 1),
+        "ttft_p50_ms": round(statistics.median(ttft), 1),
+        "ttft_p95_ms": round(percentile(ttft, 0.95), 1),
+        "mean_step_rows": mean_size(before, after, "step_rows"),
+        "mean_prefill_size": mean_size(before, after, "prefill_sizes"),
     }
     print(
-        f"{mode:>10} {clients:>3} clients #{repetition}: {row['requests_per_s']:.2f} req/s, p50 {row['p50_ms']:.0f} ms"
+        f"{mode:>10} {clients:>3} clients #{repetition}: {row['requests']} requests in {row['seconds']:.1f} s, "
+        f"{row['requests_per_s']:.2f} req/s, p50 {row['p50_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms, "
+        f"TTFT p95 {row['ttft_p95_ms']:.0f} ms, {row['mean_step_rows']} sequences per step",
+        flush=True,
     )
     return row
 
@@ -229,70 +271,37 @@ def untrained_variant(config: str, out: Path) -> Path:
     return export_variant(cli.model, out / "variant", name=f"{Path(config).stem}-untrained")
 
 
+def spread(values: list[float]) -> dict[str, float]:
+    """The median, min and max of ``values``."""
+    return {"median": round(statistics.median(values), 2), "min": round(min(values), 2), "max": round(max(values), 2)}
+
+
 def summarize(rows: list[dict[str, Any]], clients: list[int]) -> dict[str, Any]:
-    """The targets' figures per repetition (batched and unbatched levels of one repetition ran back to back), and
-    their median, min and max over the repetitions."""
+    """The targets' figures per repetition (the levels of one repetition ran back to back), their median, min and
+    max over the repetitions, and whether every repetition met each target."""
     by = {(r["server"], r["clients"], r["repetition"]): r for r in rows}
-    top, mid, low = max(clients), 8 if 8 in clients else sorted(clients)[len(clients) // 2], min(clients)
+    top, low = max(clients), min(clients)
+    mid = 8 if 8 in clients else sorted(clients)[len(clients) // 2]
     reps = sorted({r["repetition"] for r in rows})
     speedups = [by["batched", top, k]["requests_per_s"] / by["unbatched", top, k]["requests_per_s"] for k in reps]
     ratios = [by["batched", mid, k]["p95_ms"] / by["batched", low, k]["p50_ms"] for k in reps]
-    ttft = [by["batched", mid, k]["ttft_p95_ms"] for k in reps]
-
-    def spread(values: list[float]) -> dict[str, float]:
-        return {
-            "median": round(statistics.median(values), 2),
-            "min": round(min(values), 2),
-            "max": round(max(values), 2),
-        }
-
     return {
-        f"speedup_at_{top}_clients": spread(speedups),
-        "speedup_target": 4.0,
-        "speedup_met": min(speedups) >= 4.0,
-        f"p95_at_{mid}_clients_over_single_client_p50": spread(ratios),
-        "latency_ratio_target": 2.0,
-        "latency_met": max(ratios) <= 2.0,
-        f"ttft_p95_ms_at_{mid}_clients": spread(ttft),
+        "speedup": {"clients": top, "target": 4.0, **spread(speedups), "met": min(speedups) >= 4.0},
+        "latency_ratio": {
+            "clients": mid,
+            "baseline_clients": low,
+            "target": 2.0,
+            **spread(ratios),
+            "met": max(ratios) <= 2.0,
+        },  # fmt: skip
+        "ttft_p95_ms": {"clients": mid, **spread([by["batched", mid, k]["ttft_p95_ms"] for k in reps])},
     }
 
 
-def render_table(record: dict[str, Any]) -> str:
-    """The docs' table of a results record (docs/serving.md, between ``<!-- results:serve -->`` markers): per server
-    and clients, the median over the repetitions and the range."""
-    rows = record["rows"]
-    keys = sorted({(r["clients"], r["server"]) for r in rows})
-    lines = [
-        "| server | clients | requests/s | p50 ms | p95 ms | TTFT p95 ms | sequences per step |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for clients, server in keys:
-        group = [r for r in rows if r["clients"] == clients and r["server"] == server]
-
-        def cell(name: str, digits: int = 0, group: list[dict[str, Any]] = group) -> str:
-            values = [r[name] for r in group]
-            med = statistics.median(values)
-            return f"{med:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
-
-        lines.append(
-            f"| {server} | {clients} | {cell('requests_per_s', 2)} | {cell('p50_ms')} | {cell('p95_ms')} "
-            f"| {cell('ttft_p95_ms')} | {cell('mean_step_rows', 1)} |"
-        )
-    return "\n".join(lines)
-
-
-DOCS = REPO / "docs" / "serving.md"
-MARKERS = ("<!-- results:serve -->", "<!-- /results:serve -->")
-
-
-def render_docs(record: dict[str, Any], docs: Path = DOCS) -> str:
-    """``docs`` with the table between its markers rendered from ``record``."""
-    text = docs.read_text(encoding="utf-8")
-    head, found, rest = text.partition(MARKERS[0])
-    _, closed, tail = rest.partition(MARKERS[1])
-    if not found or not closed:
-        raise ValueError(f"{docs}: no {MARKERS[0]} ... {MARKERS[1]} block for the serving results")
-    return f"{head}{MARKERS[0]}\n{render_table(record)}\n{MARKERS[1]}{tail}"
+def warm_up(server: Server, bodies: list[bytes], args: argparse.Namespace) -> None:
+    """A few requests alone and eight at once, unmeasured: the first calls' costs (allocations, lazy imports)."""
+    for clients in (1, 8):
+        asyncio.run(load(server.url, bodies, clients, 1, args.request_timeout, f"warm-up, {clients} clients"))
 
 
 def main() -> None:
@@ -306,16 +315,15 @@ def main() -> None:
     )
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repetitions", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=15.0, help="measured time per level")
-    parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured time before each level")
+    parser.add_argument("--requests-per-client", type=int, default=2, help="requests each client sends per level")
+    parser.add_argument("--min-requests", type=int, default=20, help="requests per level at least (all clients)")
+    parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take at most")
     parser.add_argument("--max-batch-size", type=int, default=32, help="of the batched server")
-    parser.add_argument("--render-docs", action="store_true", help="only render docs/serving.md from the results")
+    parser.add_argument("--out", type=Path, default=RESULTS / "serve.json")
     args = parser.parse_args()
-    if args.render_docs:
-        DOCS.write_text(render_docs(json.loads((RESULTS / "serve.json").read_text())), encoding="utf-8")
-        return
-
-    import torch
+    if args.repetitions < 1 or args.requests_per_client < 1 or min(args.clients) < 1:
+        parser.error("--repetitions, --requests-per-client and --clients must be at least 1")
+    machine = run_record()
 
     scratch = tempfile.TemporaryDirectory()
     variant = args.variant or str(untrained_variant(args.untrained_config, Path(scratch.name)))
@@ -324,34 +332,35 @@ def main() -> None:
     # both servers run throughout (the idle one costs memory only) and the levels alternate between them, so that
     # the machine's other load weighs on both alike
     servers: dict[str, Server] = {}
+    rows = []
     try:
         for mode, flags in modes.items():
             servers[mode] = Server(common + flags, Path(scratch.name) / f"{mode}.log")
-        rows = [
-            measure(servers[mode], mode, clients, k, args)
-            for k in range(args.repetitions)
-            for clients in args.clients
-            for mode in modes
-        ]
+            print(servers[mode].started, flush=True)
+        bodies = request_bodies(servers["batched"].model, servers["batched"].examples())  # one variant: same ids
+        for server in servers.values():
+            warm_up(server, bodies, args)
+        for k in range(args.repetitions):
+            for clients in args.clients:
+                order = list(modes) if k % 2 == 0 else list(modes)[::-1]
+                rows.extend(measure(servers[mode], bodies, mode, clients, k, args) for mode in order)
     finally:
         for server in servers.values():
             server.stop()
     targets = summarize(rows, args.clients)
     print(json.dumps(targets, indent=2))
-    columns = ["server", "clients", "repetition", "requests_per_s", "p50_ms", "p95_ms", "ttft_p95_ms", "mean_step_rows"]
-    served = args.variant or f"{args.untrained_config} (untrained)"
-    path = report(
-        "serve",
-        rows,
-        columns,
-        variant=served,
-        servers={mode: server.command for mode, server in servers.items()},
-        settings=vars(args),
-        cpu_capability=torch.backends.cpu.get_cpu_capability(),
-        load_average_at_end=os.getloadavg(),
-        targets=targets,
-    )
-    DOCS.write_text(render_docs(json.loads(path.read_text())), encoding="utf-8")
+    result = {
+        "command": machine["command"],
+        "machine": finish_record(machine),
+        "variant": args.variant or f"{args.untrained_config} (untrained)",
+        "servers": {mode: {"command": s.command, "started": s.started} for mode, s in servers.items()},
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "rows": rows,
+        "targets": targets,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}; render the docs with: python benchmarks/render_docs.py")
     scratch.cleanup()
 
 

@@ -151,7 +151,8 @@ def reference(model, question: str, path: Path | None, **settings: Any) -> str:
 def test_mixed_concurrent_traffic_is_batched_per_step_and_each_equals_generate(tiny_server, served_model, media_root):
     """Fourteen clients at once, with different prompt lengths and ``max_tokens``: images (PNG, JPEG, WebP), videos,
     text only, streamed or not. Each answer equals ``generate``'s on that request alone, token for token, whatever
-    else was decoded beside it; the server decoded several sequences per step."""
+    else was prefilled and decoded beside it; the server prefilled several requests in one forward and decoded
+    several sequences per step."""
     before = json.loads(get(tiny_server.url, "/health")[2])
     names = ["scene0.png", "scene2.png", "astronaut.jpg", None, "coffee.webp", "clip.mp4", "scene3.png"]
     questions = [*QUESTIONS, "is there a shape in the top left corner of this scene, and if so which colour is it?"]
@@ -181,6 +182,7 @@ def test_mixed_concurrent_traffic_is_batched_per_step_and_each_equals_generate(t
     after = json.loads(get(tiny_server.url, "/health")[2])
     assert after["requests"] - before["requests"] == len(cases)
     assert after["steps"] > before["steps"] and after["largest_batch"] > 1, "concurrent requests were not batched"
+    assert max(map(int, after["prefill_sizes"])) > 1, "no requests were prefilled together"
     assert after["batches"] == before["batches"]  # no request needed generate as a whole
 
 

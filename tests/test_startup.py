@@ -44,7 +44,9 @@ def test_import_lynx_zoo_loads_no_heavy_library():
     assert "torch" not in loaded
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["ask", "--help"], ["evaluate", "--help"], ["stages", "--help"]])
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["ask", "--help"], ["evaluate", "--help"], ["stages", "--help"], ["serve", "--help"]]
+)
 def test_the_command_line_help_loads_no_heavy_library(argv):
     code = f"import sys\nfrom lynx_zoo.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass"
     assert sorted(modules_loaded_by(code) & set(HEAVY)) == []

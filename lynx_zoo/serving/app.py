@@ -231,6 +231,7 @@ def create_app(model: LynxModel, settings: ServeSettings, served_name: str) -> F
             "mean_step_rows": round(stats.mean_step_rows, 3),
             "step_rows": {str(k): v for k, v in sorted(stats.step_rows.items())},
             "recent_step_seconds": round(stats.step_seconds, 5),
+            "prefill_sizes": {str(k): v for k, v in sorted(stats.prefill_sizes.items())},
             "batches": stats.batches,
             "failed_batches": stats.failed_batches,
             "dropped_sequences": stats.dropped_sequences,

@@ -7,9 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
-from lynx_zoo.hub import load_model
 from lynx_zoo.serving.settings import ServeSettings, is_loopback, parse_settings
 
 
@@ -36,6 +33,9 @@ def default_threads() -> int:
 
 def serve(settings: ServeSettings) -> None:
     """Load the model, then serve it until interrupted (Ctrl-C or SIGTERM)."""
+    import torch  # here, not at the top: ``serve --help`` loads neither torch's kernels nor Lightning
+
+    from lynx_zoo.hub import load_model
     from lynx_zoo.serving.app import create_app
     from lynx_zoo.serving.server import base_url, bind_socket, uvicorn_server
 

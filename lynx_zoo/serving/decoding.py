@@ -1,10 +1,10 @@
 """Token-level batching: the running sequences' KV caches, left-padded into one transformers ``DynamicCache``.
 
-A sequence is prefilled alone (its prompt's input embeddings, visual tokens included, computed once at admission),
-then spliced into the running batch: the batch and the newcomer are left-padded to the longer of the two and
-stacked. Each decode step runs the LLM once on the last token of every running sequence (position ids skip the
-padding, as ``generate`` makes them); a finished sequence is indexed out at once, and padding columns that no
-sequence needs any more are cut off.
+The requests admitted at a step are prefilled together (their prompts' input embeddings, visual tokens included,
+computed once, left-padded into one LLM forward), then spliced into the running batch: the batch and the newcomers
+are left-padded to the longer of the two and stacked. Each decode step runs the LLM once on the last token of every
+running sequence (position ids skip the padding, as ``generate`` makes them); a finished sequence is indexed out at
+once, and padding columns that no sequence needs any more are cut off.
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ class DecodeBatch:
         return int(self.mask.shape[0])
 
     def prefill(self, inputs: FusedInputs) -> tuple[DynamicCache, torch.Tensor]:
-        """Run one prompt (batch of one, no padding): its cache and the logits of its last position."""
+        """Run prompts (one left-padded batch; position ids skip the padding): their cache and the logits
+        ``(P, vocabulary)`` of each one's last position."""
         cache = DynamicCache(config=self.llm.config)
         out = self.llm(
             **inputs.llm_inputs(),
@@ -118,16 +119,20 @@ class DecodeBatch:
         )
         return cache, out.logits[:, -1]
 
-    def add(self, cache: DynamicCache, mask: torch.Tensor, tokens: list[int]) -> None:
-        """Splice in a prefilled prompt (its ``cache`` and ``mask`` ``(1, T)``) as ``len(tokens)`` sequences (a
-        request's choices share the prompt), each about to read its own first generated token."""
-        rows = len(tokens)
+    def add(self, cache: DynamicCache, mask: torch.Tensor, prompts: list[int], tokens: list[int]) -> None:
+        """Splice in prefilled prompts (their ``cache`` and left-padded ``mask`` ``(P, T)``) as ``len(tokens)``
+        sequences: sequence ``i`` continues prompt ``prompts[i]`` (a request's choices share its prompt) and reads
+        ``tokens[i]``, its first generated token, next."""
         device = mask.device
-        new = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v, *_ in cache]
-        new_mask, positions = mask.expand(rows, -1), mask.sum(-1).expand(rows)
+        index = torch.tensor(prompts, dtype=torch.long, device=device)
+        new_mask = mask.index_select(0, index)
+        start = int((new_mask.sum(0) > 0).nonzero()[0])  # padding columns none of these rows needs
+        new_mask = new_mask[:, start:]
+        new = [(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:]) for k, v, *_ in cache]
+        positions = new_mask.sum(-1)
         if self.cache is None:
             layers, self.mask = [(k.contiguous(), v.contiguous()) for k, v in new], new_mask.contiguous()
-            self.positions = positions.clone()
+            self.positions = positions
         else:
             length = max(self.mask.shape[1], new_mask.shape[1])
             layers = [

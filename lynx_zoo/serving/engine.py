@@ -1,12 +1,12 @@
 """The engine: requests wait in a bounded queue; one thread schedules the model a decode step at a time.
 
-Requests with one beam and the settings a decode step honours (greedy or sampled, any ``max_tokens``: most
-requests) are batched at the token level (continuous batching): at every step the engine admits queued requests
-while the batch has room, prefills each alone (its images or videos through the tower once, then its prompt's
-input embeddings through the LLM) and splices it into the running batch (:class:`~lynx_zoo.serving.decoding.
-DecodeBatch`); one LLM forward then decodes one token of every running sequence. A sequence that ends (its
-end-of-sequence token or its ``max_tokens``) is delivered and leaves the batch at that step; a request that
-arrives meanwhile joins at the next one. Greedy answers equal ``generate``'s, token for token.
+Requests with one beam and the settings a decode step honours (greedy or sampled, any ``max_tokens``: most requests)
+are batched at the token level (continuous batching): at every step the engine admits queued requests while the
+batch has room, prefills them together (their images or videos through the tower once, then their prompts' input
+embeddings, left-padded, through the LLM in one forward per kind of media) and splices them into the running batch
+(:class:`~lynx_zoo.serving.decoding.DecodeBatch`); one LLM forward then decodes one token of every running sequence.
+A sequence that ends (its end-of-sequence token or its ``max_tokens``) is delivered and leaves the batch at that
+step; a request that arrives meanwhile joins at the next one. Greedy answers equal ``generate``'s, token for token.
 
 Other requests (beam search, repetition penalties, cross-attention models with media) are answered by ``generate``
 as a whole, in batches of one kind and one set of settings, when no sequence is running. A batch that fails is
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from lynx_zoo.data.processor import Sample
 from lynx_zoo.fusion.base import LynxModel
@@ -118,6 +118,7 @@ class EngineStats:
 
     requests: int = 0
     steps: int = 0  # decode steps of the token-level batch
+    prefill_sizes: Counter = field(default_factory=Counter)  # requests per prefill forward
     batches: int = 0  # whole-request batches (beam search and the like)
     failed_batches: int = 0
     dropped_sequences: int = 0  # stopped early because their client went away
@@ -139,6 +140,9 @@ class EngineStats:
         self.batches += 1
         self.batch_sizes[size] += 1
         self.batch_seconds = seconds if self.batches == 1 else 0.8 * self.batch_seconds + 0.2 * seconds
+
+    def record_prefill(self, size: int) -> None:
+        self.prefill_sizes[size] += 1
 
     def record_step(self, rows: int, seconds: float) -> None:
         self.steps += 1
@@ -262,8 +266,8 @@ class Engine:
                     self._cond.wait()
                 admitted = self._admissions()
                 whole = self._take_batch() if not admitted and not self._running else None
-            for job in admitted:
-                self._admit(job)
+            if admitted:
+                self._admit(admitted)
             if whole:
                 self._run_isolated(whole)
                 self._free_since = time.monotonic()
@@ -285,40 +289,71 @@ class Engine:
             rows += job.request.n
         return admitted
 
-    def _admit(self, job: Job) -> None:
-        """Prefill a request (its media through the tower, once) and put its choices into the decode batch; a
-        choice that ends at its first token is delivered at once."""
+    def _admit(self, jobs: list[Job]) -> None:
+        """Prefill the admitted requests and put their choices into the decode batch: those with the same kind of
+        media (none, images, videos of one frame count) together, in one LLM forward over their left-padded
+        prompts. If a group's prefill fails, its requests are prefilled one by one, so that only the one at fault
+        fails."""
+        groups: dict[tuple[int, ...] | None, list[Job]] = {}
+        for job in jobs:
+            groups.setdefault(None if job.media is None else tuple(job.media.shape), []).append(job)
+        for group in groups.values():
+            try:
+                prefilled = self._prefill(group)
+            except Exception as err:  # one request's failure must not reach the others
+                if len(group) > 1:
+                    log.warning("a prefill of %d requests failed (%s); prefilling them one by one", len(group), err)
+                    for job in group:
+                        self._admit([job])
+                    continue
+                self.stats.failed_batches += 1
+                log.exception("prefill failed for one request")
+                group[0].emit(Failed(f"generation failed: {type(err).__name__}: {err}"))
+                continue
+            try:
+                self._start(group, *prefilled)
+            except Exception as err:  # choosing a first token failed: these requests fail, the batch goes on
+                self.stats.failed_batches += 1
+                log.exception("the first tokens of %d requests failed", len(group))
+                for job in group:
+                    job.emit(Failed(f"generation failed: {type(err).__name__}: {err}"))
+
+    def _prefill(self, jobs: list[Job]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """One LLM forward over the prompts of ``jobs`` (their media through the tower, once): the cache, the mask
+        over it and the logits of each prompt's last position."""
         model = self.model
-        try:
-            prompt = model.processor.prompts([Sample(job.request.instruction, history=job.request.history)])
-            ids, mask = prompt["input_ids"].to(model.device), prompt["attention_mask"].to(model.device)
-            job.prompt_tokens = int(mask.sum())
+        prompt = model.processor.prompts([Sample(j.request.instruction, history=j.request.history) for j in jobs])
+        ids, mask = prompt["input_ids"].to(model.device), prompt["attention_mask"].to(model.device)
+        media = None if jobs[0].media is None else torch.stack([j.media for j in jobs]).to(model.device)
+        with torch.no_grad(), model.fused(ids, mask, media) as inputs:
+            cache, logits = self._batch.prefill(inputs)
+        for job, row in zip(jobs, mask.sum(-1).tolist()):
+            job.prompt_tokens = int(row)
+        self.stats.record_prefill(len(jobs))
+        return cache, inputs.attention_mask, logits
+
+    def _start(self, jobs: list[Job], cache: DynamicCache, mask: torch.Tensor, logits: torch.Tensor) -> None:
+        """Pick the first token of every choice of the prefilled ``jobs`` and splice the ones that go on into the
+        decode batch; a choice that ends at its first token is delivered at once."""
+        now = time.monotonic()
+        rows, prompts, tokens = [], [], []
+        for p, job in enumerate(jobs):
+            job.first_token_at = now
+            self.stats.requests += 1
             if self.metrics is not None:
                 self.metrics.prompt_tokens.inc(job.prompt_tokens)
-            media = None if job.media is None else job.media[None].to(model.device)
-            with torch.no_grad(), model.fused(ids, mask, media) as inputs:
-                cache, logits = self._batch.prefill(inputs)
-                full_mask = inputs.attention_mask
-            job.first_token_at = time.monotonic()
-            if self.metrics is not None:
-                self.metrics.time_to_first_token.observe(job.first_token_at - job.enqueued)
-            rows, tokens = [], []
+                self.metrics.time_to_first_token.observe(now - job.enqueued)
             for index in range(job.request.n):
-                sampler = Sampler(job.settings, model.llm.generation_config, index)
-                token = sampler(torch.zeros(1, 0, dtype=torch.long), logits)
+                sampler = Sampler(job.settings, self.model.llm.generation_config, index)
+                token = sampler(torch.zeros(1, 0, dtype=torch.long), logits[p : p + 1])
                 running = Running(job, index, sampler)
                 if self._advance(running, token):
                     rows.append(running)
+                    prompts.append(p)
                     tokens.append(token)
-            if rows:
-                self._batch.add(cache, full_mask, tokens)
-                self._running.extend(rows)
-        except Exception as err:  # one request's failure must not reach the others
-            self.stats.failed_batches += 1
-            log.exception("prefill failed for one request")
-            job.emit(Failed(f"generation failed: {type(err).__name__}: {err}"))
-            return
-        self.stats.requests += 1
+        if rows:
+            self._batch.add(cache, mask, prompts, tokens)
+            self._running.extend(rows)
 
     def _advance(self, running: Running, token: int) -> bool:
         """Record a sequence's new token; deliver it when it ends (or drop it when its client went away).
