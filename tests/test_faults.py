@@ -50,7 +50,7 @@ from lynx_zoo.evaluation.judges import JudgeBudget, JudgeBudgetExceeded, OpenAIC
 from lynx_zoo.evaluation.report import markdown_table
 from lynx_zoo.evaluation.runner import Benchmark, Evaluator, Variant, parse_variant
 from lynx_zoo.training.checkpoint_io import AtomicCheckpointIO, read_torch_checkpoint
-from lynx_zoo.training.optim import OptimizerConfig
+from lynx_zoo.optim import OptimizerConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = REPO / "configs" / "tiny.yaml"

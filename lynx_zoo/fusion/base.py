@@ -42,15 +42,19 @@ from lynx_zoo.training.distributed import (
     destroy_process_group_at_exit,
     fill_missing_grads,
 )
-from lynx_zoo.training.optim import OptimizerConfig, build_optimizer
+from lynx_zoo.optim import OptimizerConfig, build_optimizer
 from lynx_zoo.vision import VisionConfig, VisionEncoder, resample_vision_pos_embed
 
 # Checkpoints keep the model's config dataclasses as hyper-parameters; allow exactly these through
 # torch's safe (weights-only) unpickler so checkpoints load without arbitrary code execution.
 torch.serialization.add_safe_globals(
     [VisionConfig, BridgeConfig, LLMConfig, AdapterConfig, OptimizerConfig, PromptConfig]
-    # where checkpoints saved before adapters.kind existed name the adapter config
-    + [(AdapterConfig, "lynx_zoo.adapters.bottleneck.AdapterConfig")]
+    # where older checkpoints name these configs: before adapters.kind existed, and before the optimiser moved out
+    # of training/
+    + [
+        (AdapterConfig, "lynx_zoo.adapters.bottleneck.AdapterConfig"),
+        (OptimizerConfig, "lynx_zoo.training.optim.OptimizerConfig"),
+    ]
 )
 
 
