@@ -25,6 +25,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lynx_zoo.adapters import AdapterConfig, insert_adapters
 from lynx_zoo.bridge import BridgeConfig, build_bridge
+from lynx_zoo.checkpoints import read_torch_checkpoint
 from lynx_zoo.data.answers import metric_key, normalize_answer
 from lynx_zoo.data.packing import PackedRows, samples_in
 from lynx_zoo.data.processor import IGNORE_INDEX, LynxProcessor, PromptConfig, Sample
@@ -33,8 +34,8 @@ from lynx_zoo.generation import ImageLike, VideoLike, generation_settings, image
 from lynx_zoo.llm import LLMConfig, build_llm, load_tokenizer
 from lynx_zoo.llm.layers import InsertedBlock
 from lynx_zoo.metrics import CategoryAccuracy
+from lynx_zoo.optim import OptimizerConfig, build_optimizer
 from lynx_zoo.training.callbacks import SkippedSampleReport
-from lynx_zoo.training.checkpoint_io import read_torch_checkpoint
 from lynx_zoo.training.distributed import (
     attached_trainer,
     configure_lynx_model,
@@ -42,7 +43,6 @@ from lynx_zoo.training.distributed import (
     destroy_process_group_at_exit,
     fill_missing_grads,
 )
-from lynx_zoo.optim import OptimizerConfig, build_optimizer
 from lynx_zoo.vision import VisionConfig, VisionEncoder, resample_vision_pos_embed
 
 # Checkpoints keep the model's config dataclasses as hyper-parameters; allow exactly these through
