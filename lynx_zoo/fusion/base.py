@@ -413,8 +413,8 @@ class LynxModel(L.LightningModule):
 
     def load_weights(self, path: str) -> None:
         """Initialise from another lynx_zoo checkpoint's weights, resampling vision position embeddings, or from a
-        folder in transformers' LLaVA layout (:mod:`lynx_zoo.hub.llava_import`: tower, projector and LLM)."""
-        from lynx_zoo.hub.llava_import import is_llava_folder, lynx_state_from_llava
+        folder in transformers' LLaVA layout (:mod:`lynx_zoo.fusion.llava_import`: tower, projector and LLM)."""
+        from lynx_zoo.fusion.llava_import import is_llava_folder, lynx_state_from_llava
 
         if is_llava_folder(path):
             state = lynx_state_from_llava(path, len(self.vision.blocks))
