@@ -626,7 +626,7 @@ def test_ckpt_path_last_leaves_checkpoints_in_an_object_store_to_lightning(tmp_p
 
 
 def test_a_model_outside_a_trainer_has_no_attached_trainer(make_tiny):
-    from lynx_zoo.training.distributed import attached_trainer
+    from lynx_zoo.fusion.scale_out import attached_trainer
 
     model = make_tiny()
     assert attached_trainer(model) is None

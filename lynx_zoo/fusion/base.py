@@ -30,19 +30,19 @@ from lynx_zoo.data.answers import metric_key, normalize_answer
 from lynx_zoo.data.packing import PackedRows, samples_in
 from lynx_zoo.data.processor import IGNORE_INDEX, LynxProcessor, PromptConfig, Sample
 from lynx_zoo.errors import listed_problems
-from lynx_zoo.generation import ImageLike, VideoLike, generation_settings, image_batch, seeded, video_batch
-from lynx_zoo.llm import LLMConfig, build_llm, load_tokenizer
-from lynx_zoo.llm.layers import InsertedBlock
-from lynx_zoo.metrics import CategoryAccuracy
-from lynx_zoo.optim import OptimizerConfig, build_optimizer
-from lynx_zoo.training.callbacks import SkippedSampleReport
-from lynx_zoo.training.distributed import (
+from lynx_zoo.fusion.scale_out import (
     attached_trainer,
     configure_lynx_model,
     ddp_anchor,
     destroy_process_group_at_exit,
     fill_missing_grads,
 )
+from lynx_zoo.generation import ImageLike, VideoLike, generation_settings, image_batch, seeded, video_batch
+from lynx_zoo.llm import LLMConfig, build_llm, load_tokenizer
+from lynx_zoo.llm.layers import InsertedBlock
+from lynx_zoo.metrics import CategoryAccuracy
+from lynx_zoo.optim import OptimizerConfig, build_optimizer
+from lynx_zoo.training.callbacks import SkippedSampleReport
 from lynx_zoo.vision import VisionConfig, VisionEncoder, resample_vision_pos_embed
 
 # Checkpoints keep the model's config dataclasses as hyper-parameters; allow exactly these through
@@ -394,7 +394,7 @@ class LynxModel(L.LightningModule):
 
     def configure_model(self) -> None:
         """Scale-out hook (after ``setup``, so after ``init_from``): activation checkpointing of the decoder
-        layers and FSDP2 sharding when the strategy asks for them (:mod:`lynx_zoo.training.distributed`)."""
+        layers and FSDP2 sharding when the strategy asks for them (:mod:`lynx_zoo.fusion.scale_out`)."""
         configure_lynx_model(self)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
