@@ -42,7 +42,7 @@ from lynx_zoo.llm import LLMConfig, build_llm, load_tokenizer
 from lynx_zoo.llm.layers import InsertedBlock
 from lynx_zoo.metrics import CategoryAccuracy
 from lynx_zoo.optim import OptimizerConfig, build_optimizer
-from lynx_zoo.training.callbacks import SkippedSampleReport
+from lynx_zoo.skipped_samples import SkippedSampleReport
 from lynx_zoo.vision import VisionConfig, VisionEncoder, resample_vision_pos_embed
 
 # Checkpoints keep the model's config dataclasses as hyper-parameters; allow exactly these through
