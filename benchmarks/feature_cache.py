@@ -33,7 +33,7 @@ from lynx_zoo import AdapterConfig, BridgeConfig, LLMConfig, OptimizerConfig, Pr
 from lynx_zoo.data import InstructionTemplates, LoadContext, Sample, Source
 from lynx_zoo.data.feature_cache import FeatureCacheSource, write_feature_cache
 from lynx_zoo.fusion.base import model_inputs
-from lynx_zoo.training.optim import build_optimizer
+from lynx_zoo.optim import build_optimizer
 from lynx_zoo.training.throughput import lynx_step_flops, vision_forward_flops
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -42,9 +42,9 @@ from train_throughput import make_samples
 
 from lynx_zoo.data.packing import PackingCollate, samples_in
 from lynx_zoo.fusion.base import model_inputs
-from lynx_zoo.training.distributed import apply_activation_checkpointing
+from lynx_zoo.fusion.scale_out import apply_activation_checkpointing
+from lynx_zoo.optim import build_optimizer
 from lynx_zoo.training.lightning_cli import LynxCLI
-from lynx_zoo.training.optim import build_optimizer
 from lynx_zoo.training.throughput import lynx_step_flops, target_tokens_of, text_lengths_of
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -23,7 +23,7 @@ from scale_common import image_tokens, llava_inputs, llava_model, lynx_model, me
 from torch.utils.data import DataLoader
 
 from lynx_zoo.data.processor import IGNORE_INDEX
-from lynx_zoo.training.optim import build_optimizer
+from lynx_zoo.optim import build_optimizer
 
 LIGHTNING, BARE, LLAVA = "lynx_zoo (Lightning Trainer)", "bare PyTorch loop (same model)", "HF LLaVA loop"
 

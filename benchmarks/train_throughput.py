@@ -69,8 +69,8 @@ from lynx_zoo.data import IGNORE_INDEX, Sample
 from lynx_zoo.data.packing import PackingCollate, samples_in
 from lynx_zoo.data.sampler import ModalityLengthGroupedSampler
 from lynx_zoo.fusion.base import model_inputs
+from lynx_zoo.optim import build_optimizer
 from lynx_zoo.training import compile_regions
-from lynx_zoo.training.optim import build_optimizer
 from lynx_zoo.training.throughput import target_tokens_of
 
 HF = "hf_llava"

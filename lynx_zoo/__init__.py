@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from lynx_zoo.hub.variants import VARIANTS as variants
     from lynx_zoo.hub.variants import list_variants
     from lynx_zoo.llm.causal_lm import LLMConfig
-    from lynx_zoo.training.optim import OptimizerConfig
+    from lynx_zoo.optim import OptimizerConfig
     from lynx_zoo.vision.encoder import VisionConfig
 
 __getattr__, __dir__ = lazy_exports(__name__, __file__)

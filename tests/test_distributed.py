@@ -14,14 +14,12 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from lynx_zoo import CrossAttnConfig, CrossAttnLynx, PrefixLynx
+from lynx_zoo.fusion.scale_out import apply_activation_checkpointing, configure_lynx_model, sharding_units
 from lynx_zoo.llm.layers import decoder_layers
 from lynx_zoo.training.checkpoint_io import consolidate_checkpoint
 from lynx_zoo.training.distributed import (
     LynxFSDP2Strategy,
-    apply_activation_checkpointing,
-    configure_lynx_model,
     fsdp1_auto_wrap_policy,
-    sharding_units,
     surviving_checkpoint,
     swap_in_folder,
 )

@@ -99,7 +99,8 @@ sys.path.insert(0, {tests!r})
 from conftest import tiny_configs
 from fsdp_worker import FixedLengthData, FixedLengthSet
 import my_fusion
-from lynx_zoo.training.distributed import LynxFSDP2Strategy, sharding_units
+from lynx_zoo.fusion.scale_out import sharding_units
+from lynx_zoo.training.distributed import LynxFSDP2Strategy
 from lynx_zoo.training.throughput import lynx_step_flops
 
 L.seed_everything(0, verbose=False)

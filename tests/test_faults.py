@@ -29,6 +29,7 @@ from media import photo, save_photos, to_tensor, write_broken_images, write_clip
 from PIL import Image
 from run_helpers import StopAt, trainer
 
+from lynx_zoo.checkpoints import read_torch_checkpoint
 from lynx_zoo.cli import main
 from lynx_zoo.data import (
     DataError,
@@ -49,8 +50,8 @@ from lynx_zoo.errors import CheckpointError, ConfigError, MediaError, ResumeErro
 from lynx_zoo.evaluation.judges import JudgeBudget, JudgeBudgetExceeded, OpenAIChatJudge, judge_all
 from lynx_zoo.evaluation.report import markdown_table
 from lynx_zoo.evaluation.runner import Benchmark, Evaluator, Variant, parse_variant
-from lynx_zoo.training.checkpoint_io import AtomicCheckpointIO, read_torch_checkpoint
-from lynx_zoo.training.optim import OptimizerConfig
+from lynx_zoo.optim import OptimizerConfig
+from lynx_zoo.training.checkpoint_io import AtomicCheckpointIO
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = REPO / "configs" / "tiny.yaml"
@@ -625,7 +626,7 @@ def test_ckpt_path_last_leaves_checkpoints_in_an_object_store_to_lightning(tmp_p
 
 
 def test_a_model_outside_a_trainer_has_no_attached_trainer(make_tiny):
-    from lynx_zoo.training.distributed import attached_trainer
+    from lynx_zoo.fusion.scale_out import attached_trainer
 
     model = make_tiny()
     assert attached_trainer(model) is None

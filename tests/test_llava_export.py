@@ -19,8 +19,8 @@ from PIL import Image
 from lynx_zoo import AdapterConfig, BridgeConfig, LLMConfig, PrefixLynx, PromptConfig, VisionConfig
 from lynx_zoo.cli import main
 from lynx_zoo.data.processor import Sample
+from lynx_zoo.fusion.llava_import import llava_model_configs
 from lynx_zoo.hub.llava_format import IMAGE_TOKEN, NotExportableError, export_llava
-from lynx_zoo.hub.llava_import import llava_model_configs
 from lynx_zoo.llm import load_tokenizer
 
 WORKER = Path(__file__).with_name("llava_worker.py")

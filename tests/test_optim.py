@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lynx_zoo.training.optim import OptimizerConfig, build_optimizer, lr_factor
+from lynx_zoo.optim import OptimizerConfig, build_optimizer, lr_factor
 
 
 def test_warmup_then_linear_decay_to_the_floor():

@@ -37,7 +37,7 @@ from lynx_zoo.recipes.shapes_study import (  # noqa: E402
     questions,
     render,
 )
-from lynx_zoo.training.optim import OptimizerConfig, build_optimizer  # noqa: E402
+from lynx_zoo.optim import OptimizerConfig, build_optimizer  # noqa: E402
 from lynx_zoo.vision import VisionConfig  # noqa: E402
 
 S = {

@@ -10,7 +10,7 @@ training loader resumes mid-epoch with the next unseen batch (Lightning's ``stat
 from __future__ import annotations
 
 import logging
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from lynx_zoo.data.processor import LynxProcessor
 from lynx_zoo.data.shapes import write_shapes_vqa
 from lynx_zoo.data.sources import ImageTextSource, LoadContext, Source
 from lynx_zoo.errors import ConfigError
+from lynx_zoo.skipped_samples import DeclaresSkips
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,8 @@ def warn_of_changed_settings(data: str, saved: dict[str, Any], now: dict[str, An
         )
 
 
-class LynxDataModule(L.LightningDataModule, ABC):
-    """The base of the zoo's DataModules: what they declare to the training callbacks.
+class LynxDataModule(L.LightningDataModule, DeclaresSkips):
+    """The base of the zoo's DataModules: what they declare to the skipped-sample report (:class:`DeclaresSkips`).
 
     Args:
         max_skipped_share: a run whose training batches dropped more than this share of their samples

@@ -25,32 +25,36 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lynx_zoo.adapters import AdapterConfig, insert_adapters
 from lynx_zoo.bridge import BridgeConfig, build_bridge
+from lynx_zoo.checkpoints import read_torch_checkpoint
 from lynx_zoo.data.answers import metric_key, normalize_answer
 from lynx_zoo.data.packing import PackedRows, samples_in
 from lynx_zoo.data.processor import IGNORE_INDEX, LynxProcessor, PromptConfig, Sample
 from lynx_zoo.errors import listed_problems
-from lynx_zoo.generation import ImageLike, VideoLike, generation_settings, image_batch, seeded, video_batch
-from lynx_zoo.llm import LLMConfig, build_llm, load_tokenizer
-from lynx_zoo.llm.layers import InsertedBlock
-from lynx_zoo.metrics import CategoryAccuracy
-from lynx_zoo.training.callbacks import SkippedSampleReport
-from lynx_zoo.training.checkpoint_io import read_torch_checkpoint
-from lynx_zoo.training.distributed import (
+from lynx_zoo.fusion.scale_out import (
     attached_trainer,
     configure_lynx_model,
     ddp_anchor,
     destroy_process_group_at_exit,
     fill_missing_grads,
 )
-from lynx_zoo.training.optim import OptimizerConfig, build_optimizer
+from lynx_zoo.generation import ImageLike, VideoLike, generation_settings, image_batch, seeded, video_batch
+from lynx_zoo.llm import LLMConfig, build_llm, load_tokenizer
+from lynx_zoo.llm.layers import InsertedBlock
+from lynx_zoo.metrics import CategoryAccuracy
+from lynx_zoo.optim import OptimizerConfig, build_optimizer
+from lynx_zoo.skipped_samples import SkippedSampleReport
 from lynx_zoo.vision import VisionConfig, VisionEncoder, resample_vision_pos_embed
 
 # Checkpoints keep the model's config dataclasses as hyper-parameters; allow exactly these through
 # torch's safe (weights-only) unpickler so checkpoints load without arbitrary code execution.
 torch.serialization.add_safe_globals(
     [VisionConfig, BridgeConfig, LLMConfig, AdapterConfig, OptimizerConfig, PromptConfig]
-    # where checkpoints saved before adapters.kind existed name the adapter config
-    + [(AdapterConfig, "lynx_zoo.adapters.bottleneck.AdapterConfig")]
+    # where older checkpoints name these configs: before adapters.kind existed, and before the optimiser moved out
+    # of training/
+    + [
+        (AdapterConfig, "lynx_zoo.adapters.bottleneck.AdapterConfig"),
+        (OptimizerConfig, "lynx_zoo.training.optim.OptimizerConfig"),
+    ]
 )
 
 
@@ -390,7 +394,7 @@ class LynxModel(L.LightningModule):
 
     def configure_model(self) -> None:
         """Scale-out hook (after ``setup``, so after ``init_from``): activation checkpointing of the decoder
-        layers and FSDP2 sharding when the strategy asks for them (:mod:`lynx_zoo.training.distributed`)."""
+        layers and FSDP2 sharding when the strategy asks for them (:mod:`lynx_zoo.fusion.scale_out`)."""
         configure_lynx_model(self)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -409,8 +413,8 @@ class LynxModel(L.LightningModule):
 
     def load_weights(self, path: str) -> None:
         """Initialise from another lynx_zoo checkpoint's weights, resampling vision position embeddings, or from a
-        folder in transformers' LLaVA layout (:mod:`lynx_zoo.hub.llava_import`: tower, projector and LLM)."""
-        from lynx_zoo.hub.llava_import import is_llava_folder, lynx_state_from_llava
+        folder in transformers' LLaVA layout (:mod:`lynx_zoo.fusion.llava_import`: tower, projector and LLM)."""
+        from lynx_zoo.fusion.llava_import import is_llava_folder, lynx_state_from_llava
 
         if is_llava_folder(path):
             state = lynx_state_from_llava(path, len(self.vision.blocks))

@@ -37,7 +37,7 @@ from lynx_zoo.fusion.base import LynxModel
 from lynx_zoo.fusion.registry import class_path, model_class, registered_class_of
 from lynx_zoo.llm import LLMConfig, base_llm
 from lynx_zoo.llm.causal_lm import gguf_folder
-from lynx_zoo.training.optim import OptimizerConfig
+from lynx_zoo.optim import OptimizerConfig
 from lynx_zoo.vision import VisionConfig
 
 FORMAT = "lynx_zoo-variant"

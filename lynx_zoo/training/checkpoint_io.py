@@ -6,8 +6,8 @@
   survives a power loss. The temporary files such a kill leaves are deleted by the next save into that folder.
   (Lightning's own ``TorchCheckpointIO`` first pickles the whole checkpoint into memory, a second copy of a
   multi-GB state, then writes it through an fsspec transaction without fsync.) It loads checkpoints through
-  :func:`read_torch_checkpoint`: an empty, truncated or foreign file is a :class:`~lynx_zoo.errors.CheckpointError`
-  naming it.
+  :func:`~lynx_zoo.checkpoints.read_torch_checkpoint`: an empty, truncated or foreign file is a
+  :class:`~lynx_zoo.errors.CheckpointError` naming it.
 * :func:`consolidate_checkpoint` turns the sharded checkpoint folder that ``ModelParallelStrategy`` (FSDP2)
   writes into one Lightning checkpoint file with the full weights
   (``python -m lynx_zoo.training.checkpoint_io SHARDED_DIR OUT.ckpt``), loadable with
@@ -31,38 +31,13 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from lynx_zoo.errors import CheckpointError
+from lynx_zoo.checkpoints import read_torch_checkpoint
 
 log = logging.getLogger(__name__)
 
 METADATA_FILE = "meta.pt"  # what ModelParallelStrategy writes beside the shards: all but weights and optimizers
 # the temporary file of a save in progress: .<target name>.<8 hex digits>.tmp
 TEMPORARY_FILE = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
-
-
-def read_torch_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """A checkpoint file through torch's weights-only unpickler (memory-mapped); a :class:`CheckpointError` naming
-    the file when it is missing, empty, truncated or not a checkpoint (torch raises many kinds for those)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    size = path.stat().st_size
-    if size == 0:
-        raise CheckpointError(f"{path}: an empty file (0 bytes), not a checkpoint (a save that never finished?)")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
-    except Exception as err:
-        raise CheckpointError(
-            f"{path}: not a readable checkpoint ({size:,} bytes; {type(err).__name__}: {_first_sentence(err)}); "
-            "truncated, or not written by torch.save"
-        ) from err
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{path}: not a checkpoint (it holds a {type(checkpoint).__name__}, not a dict)")
-    return checkpoint
-
-
-def _first_sentence(error: Exception) -> str:
-    return str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else "no message"
 
 
 def remove_stale_temporaries(folder: str | os.PathLike, older_than: float) -> list[Path]:

@@ -22,8 +22,8 @@ from fsspec.utils import get_protocol
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lynx_zoo.checkpoints import read_torch_checkpoint
 from lynx_zoo.errors import ResumeError
-from lynx_zoo.training.checkpoint_io import read_torch_checkpoint
 
 CHECKPOINT_CLASS = f"{ModelCheckpoint.__module__}.{ModelCheckpoint.__qualname__}"
 CHECKPOINT_FOLDER = "checkpoints"
