@@ -29,6 +29,7 @@ from lynx_zoo.fusion.cross_attn import CrossAttnConfig, CrossAttnLynx  # noqa: E
 from lynx_zoo.fusion.prefix import PrefixLynx  # noqa: E402
 from lynx_zoo.hub.export import save_llm  # noqa: E402
 from lynx_zoo.llm import LLMConfig  # noqa: E402
+from lynx_zoo.optim import OptimizerConfig, build_optimizer  # noqa: E402
 from lynx_zoo.recipes.shapes_study import (  # noqa: E402
     PHRASINGS,
     caption,
@@ -37,7 +38,6 @@ from lynx_zoo.recipes.shapes_study import (  # noqa: E402
     questions,
     render,
 )
-from lynx_zoo.optim import OptimizerConfig, build_optimizer  # noqa: E402
 from lynx_zoo.vision import VisionConfig  # noqa: E402
 
 S = {
