@@ -93,9 +93,9 @@ def tower_share(model: PrefixLynx, text: int) -> float:
 def real_lynx_tower_share(text: int) -> float:
     """The same share for the real Lynx (EVA ViT-g/14 at 420 px, Vicuna-7B, adapters every 2nd layer), counted on
     the meta device from ``configs/pt_vicuna_420.yaml``."""
-    from lynx_zoo.hub.config import ModelConfig
+    from lynx_zoo.hub.config import model_config_from_files
 
-    config, _ = ModelConfig.from_files([CONFIGS / "pt_vicuna_420.yaml"])
+    config, _ = model_config_from_files([CONFIGS / "pt_vicuna_420.yaml"])
     config = config.replace(llm={"tokenizer": llama_tokenizer_dir()})
     return tower_share(config.build_on_meta(), text)
 

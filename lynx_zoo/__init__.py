@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from lynx_zoo.data.datamodule import ShapesVQADataModule, VQADataModule
     from lynx_zoo.data.processor import PromptConfig
     from lynx_zoo.fusion import CrossAttnConfig, CrossAttnLynx, LynxModel, PrefixLynx, register_model
+    from lynx_zoo.fusion.config import ModelConfig
     from lynx_zoo.hub.loading import load_model, load_pretrained
     from lynx_zoo.hub.variants import VARIANTS as variants
     from lynx_zoo.hub.variants import list_variants
@@ -30,6 +31,7 @@ __all__ = [
     "CrossAttnLynx",
     "LLMConfig",
     "LynxModel",
+    "ModelConfig",
     "OptimizerConfig",
     "PrefixLynx",
     "PromptConfig",

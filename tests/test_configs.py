@@ -6,7 +6,8 @@ import pytest
 from conftest import ADAPTER, CONFIG_ROOT, CONFIGS, FRAME_POSITION, GRID, LLAMA_7B, XATTN_BLOCK, config_args
 
 from lynx_zoo.fusion import PrefixLynx
-from lynx_zoo.hub.config import ModelConfig, parse_fit_args
+from lynx_zoo.fusion.config import ModelConfig
+from lynx_zoo.hub.config import model_config_from_files, parse_fit_args
 
 
 @pytest.mark.parametrize("configs", CONFIGS, ids=lambda ps: "+".join(p.stem for p in ps))
@@ -24,7 +25,7 @@ def test_every_stage_and_data_config_is_covered():
 def test_the_stage_configs_chain_with_the_papers_schedule():
     def resolved(stage: str, data: str) -> tuple[ModelConfig, dict]:
         base = CONFIG_ROOT / "pt_vicuna_420.yaml"
-        return ModelConfig.from_files(
+        return model_config_from_files(
             [base, CONFIG_ROOT / "stages" / f"{stage}.yaml", CONFIG_ROOT / "data" / f"lynx_{data}.yaml"]
         )
 
@@ -55,7 +56,7 @@ def test_the_stage_configs_chain_with_the_papers_schedule():
 def test_a_model_only_config_gets_every_omitted_section_at_its_default(tmp_path):
     path = tmp_path / "model.yaml"
     path.write_text("model:\n  class_path: PrefixLynx\n  init_args:\n    llm: {model: lmsys/vicuna-7b-v1.1}\n")
-    config, resolved = ModelConfig.from_files([path])
+    config, resolved = model_config_from_files([path])
     assert config.model_class is PrefixLynx and config.llm.model == "lmsys/vicuna-7b-v1.1"
     assert config.prompt.template and config.optimizer.lr > 0 and config.adapters.every == 2
     assert resolved.get("data") is None
@@ -66,7 +67,7 @@ def count(module) -> int:
 
 
 def build_on_meta(*names: str):
-    return ModelConfig.from_files([CONFIG_ROOT / n for n in names])[0].build_on_meta()
+    return model_config_from_files([CONFIG_ROOT / n for n in names])[0].build_on_meta()
 
 
 def test_pt_vicuna_420_parameter_counts_on_meta():

@@ -9,7 +9,7 @@ import pytest
 from conftest import ADAPTER, CONFIGS, GRID, LLAMA_7B
 
 from lynx_zoo.hub.cards import stale_cards
-from lynx_zoo.hub.config import ModelConfig
+from lynx_zoo.hub.config import model_config_from_files
 from lynx_zoo.hub.variants import VARIANTS
 from lynx_zoo.llm import LLMConfig, base_llm
 
@@ -58,7 +58,7 @@ def _num_layers(llm: LLMConfig) -> int:
 def test_card_states_the_config(variant_id):
     info = VARIANTS[variant_id]
     text = (CARDS / f"{variant_id}.md").read_text()
-    config, _ = ModelConfig.from_files(info.config_paths)
+    config, _ = model_config_from_files(info.config_paths)
     fusion = config.model_class.__name__
     assert f"`{fusion}`" in card_field(text, "fusion")
     assert card_field(text, "fusion").startswith("PT " if fusion == "PrefixLynx" else "CA ")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from hub_fixtures import to_original_layout
 
-from lynx_zoo.hub.config import ModelConfig
+from lynx_zoo.hub.config import model_config_from_files
 from lynx_zoo.hub.weights import base_prefixes, variant_keys
 from lynx_zoo.resources import config_path
 
@@ -88,7 +88,7 @@ def test_fit_on_a_shipped_config_from_the_wheel(installed):
 def test_convert_lynx_with_its_default_config_from_the_wheel(installed):
     """The released Lynx layout at full size (zeros: only the keys and shapes matter) converts with the default
     config, which the wheel must carry."""
-    config, _ = ModelConfig.from_files([config_path("zoo:pt_vicuna_420.yaml")])
+    config, _ = model_config_from_files([config_path("zoo:pt_vicuna_420.yaml")])
     model = config.build_on_meta()
     state = model.state_dict()
     wanted = variant_keys(model, bases=base_prefixes(config.vision, config.llm))

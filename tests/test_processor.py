@@ -142,7 +142,7 @@ def test_lower_text_lowers_the_rendered_prompt_and_the_earlier_lower_case_the_in
     assert processor().format_prompt("WHAT Color?") == "User: WHAT Color?\nBot:"
     # variants exported before lower_text existed name lower_case in their config.json: they still load
     from lynx_zoo import PrefixLynx
-    from lynx_zoo.hub.config import ModelConfig
+    from lynx_zoo.fusion.config import ModelConfig
 
     saved = {"prompt": {"template": "User: {instruction}\nBot:", "max_length": 32, "lower_case": False}}
     assert ModelConfig.of(PrefixLynx, saved).prompt == PromptConfig(max_length=32)

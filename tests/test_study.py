@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from lynx_zoo.hub.config import ModelConfig
+from lynx_zoo.hub.config import model_config_from_files
 from lynx_zoo.hub.variants import VARIANTS
 from lynx_zoo.recipes.shapes_study import (
     PATTERNS,
@@ -166,7 +166,7 @@ def test_every_row_of_the_study_has_a_config_and_a_card():
 @pytest.mark.parametrize("variant", sorted(EXPECTED))
 def test_each_study_config_builds_on_meta_with_the_parameter_counts_its_card_states(variant):
     info = VARIANTS[f"lynx-study-{variant}"]
-    config, _ = ModelConfig.from_files(info.config_paths)
+    config, _ = model_config_from_files(info.config_paths)
     model = config.build_on_meta()
     adapters, blocks, llm_trains = EXPECTED[variant]
     text = (CARDS / f"{info.id}.md").read_text()
@@ -187,7 +187,7 @@ def test_each_study_config_builds_on_meta_with_the_parameter_counts_its_card_sta
 
 @pytest.mark.parametrize("row", ROWS, ids=[row.name for row in ROWS])
 def test_a_frozen_llm_gets_no_gradient_and_the_trained_parts_do(row, study_data, one_thread):
-    config, _ = ModelConfig.from_files(row.configs())
+    config, _ = model_config_from_files(row.configs())
     config = config.replace(llm={"pretrained": False})  # random weights in place of the stage-0 LLM
     torch.manual_seed(0)
     model = config.build()

@@ -52,9 +52,9 @@ from lynx_zoo.evaluation.judges import (
 from lynx_zoo.evaluation.mme import load_mme
 from lynx_zoo.evaluation.report import StudyRun
 from lynx_zoo.fusion.base import LynxModel
+from lynx_zoo.fusion.config import ModelConfig, jsonable
 from lynx_zoo.generation import open_image
-from lynx_zoo.hub import ModelConfig, load_model, resolve_variant
-from lynx_zoo.hub.config import jsonable
+from lynx_zoo.hub import load_model, resolve_variant
 from lynx_zoo.metrics import CategoryAccuracy, mme_yes_no
 
 log = logging.getLogger(__name__)

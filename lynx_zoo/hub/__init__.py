@@ -6,7 +6,6 @@ from lynx_zoo.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from lynx_zoo.hub.callbacks import ExportVariant
-    from lynx_zoo.hub.config import ModelConfig
     from lynx_zoo.hub.export import export_checkpoint, export_variant
     from lynx_zoo.hub.loading import BaseModelNotFoundError, VariantError, load_model, load_pretrained
     from lynx_zoo.hub.variants import VARIANTS, VariantInfo, list_variants, register_local, resolve_variant
@@ -17,7 +16,6 @@ __all__ = [
     "VARIANTS",
     "BaseModelNotFoundError",
     "ExportVariant",
-    "ModelConfig",
     "VariantError",
     "VariantInfo",
     "export_checkpoint",

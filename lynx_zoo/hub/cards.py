@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from lynx_zoo.fusion.base import LynxModel
-from lynx_zoo.hub.config import ModelConfig
+from lynx_zoo.fusion.config import ModelConfig
+from lynx_zoo.hub.config import model_config_from_files
 from lynx_zoo.hub.variants import VARIANTS, VariantInfo
 from lynx_zoo.hub.weights import base_prefixes, variant_keys
 from lynx_zoo.llm import BUILTIN_TOKENIZERS, base_llm
@@ -99,7 +100,7 @@ def model_facts(model: LynxModel, config: ModelConfig) -> dict[str, Any]:
 
 def variant_facts(info: VariantInfo) -> CardFacts:
     """The facts of a released variant: its resolved config, the model built on the meta device, its results."""
-    config, resolved = ModelConfig.from_files(info.config_paths)
+    config, resolved = model_config_from_files(info.config_paths)
     results = [
         json.loads(shipped(f"study_results/{r}").read_text(encoding="utf-8")) | {"file": f"docs/study/results/{r}"}
         for r in info.results

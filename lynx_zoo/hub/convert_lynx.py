@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from lynx_zoo.errors import listed_problems
-from lynx_zoo.hub.config import ModelConfig
+from lynx_zoo.hub.config import model_config_from_files
 from lynx_zoo.hub.export import write_variant
 from lynx_zoo.hub.weights import base_prefixes, variant_keys
 from lynx_zoo.resources import config_path
@@ -139,7 +139,7 @@ def convert_lynx(
     """
     checkpoint = Path(checkpoint)
     paths = [config_path(c) for c in (configs or [DEFAULT_CONFIG])]
-    config, _ = ModelConfig.from_files(paths)  # a model-only config is enough: nothing else is read
+    config, _ = model_config_from_files(paths)  # a model-only config is enough: nothing else is read
     original = read_original(checkpoint)
     tower_in_checkpoint = any(k.startswith(LYNX_TOWER_PREFIX) for k in original)
     vision_base: dict[str, Any] = {"timm_model": config.vision.model_name}

@@ -21,8 +21,9 @@ from torch.distributed.fsdp import FSDPModule
 from lynx_zoo.adapters import AdapterConfig
 from lynx_zoo.adapters.lora import base_state_dict, lora_layers, merged_llm
 from lynx_zoo.fusion.base import LynxModel
+from lynx_zoo.fusion.config import ModelConfig
 from lynx_zoo.hub.cards import exported_card
-from lynx_zoo.hub.config import CARD_FILE, CONFIG_FILE, FORMAT, FORMAT_VERSION, TOKENIZER_DIR, WEIGHTS_FILE, ModelConfig
+from lynx_zoo.hub.config import CARD_FILE, CONFIG_FILE, FORMAT, FORMAT_VERSION, TOKENIZER_DIR, WEIGHTS_FILE
 from lynx_zoo.hub.weights import sha256_file, tokenizer_changed, variant_keys
 from lynx_zoo.llm.causal_lm import resolve_model_path
 

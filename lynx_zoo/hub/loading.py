@@ -19,8 +19,9 @@ from safetensors.torch import load_file
 from lynx_zoo.checkpoints import read_torch_checkpoint
 from lynx_zoo.errors import listed_problems
 from lynx_zoo.fusion.base import LynxModel
+from lynx_zoo.fusion.config import ModelConfig
 from lynx_zoo.fusion.registry import model_class as registered_class
-from lynx_zoo.hub.config import CONFIG_FILE, WEIGHTS_FILE, ModelConfig, check_format, read_json
+from lynx_zoo.hub.config import CONFIG_FILE, WEIGHTS_FILE, check_format, read_json
 from lynx_zoo.hub.variants import resolve_variant
 from lynx_zoo.hub.weights import sha256_file, variant_keys
 

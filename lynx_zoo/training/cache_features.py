@@ -52,10 +52,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace a cache already at --output")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from lynx_zoo.hub.config import ModelConfig  # the model configs, resolved as fit resolves them
+    from lynx_zoo.hub.config import model_config_from_files  # the model configs, resolved as fit resolves them
     from lynx_zoo.vision.encoder import VisionEncoder  # timm: imported after --help
 
-    vision = ModelConfig.from_files(args.config)[0].vision
+    vision = model_config_from_files(args.config)[0].vision
     start = time.perf_counter()
     index = write_feature_cache(
         sources_of(args.kind, args.inputs, args.root, args.task),
