@@ -14,7 +14,7 @@ import contextlib
 import functools
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import lightning as L
 import torch
@@ -31,7 +31,19 @@ from lynx_zoo.llm.layers import InsertedBlock, decoder_layers, rehook_attached_b
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-    from lynx_zoo.fusion.base import LynxModel
+
+class ScalableModel(Protocol):
+    """What scaling out reads of a model (:class:`~lynx_zoo.fusion.base.LynxModel` has it): its parts, its fusion
+    blocks, the device mesh a strategy gave it and its parameters."""
+
+    vision: nn.Module
+    bridge: nn.Module
+    llm: nn.Module
+    device_mesh: DeviceMesh | None
+
+    def fusion_blocks(self) -> dict[int, InsertedBlock]: ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
 
 
 class ScaleOutSettings:
@@ -44,7 +56,7 @@ class ScaleOutSettings:
     activation_checkpointing: bool
 
 
-def sharding_units(model: LynxModel) -> list[nn.Module | list[nn.Module]]:
+def sharding_units(model: ScalableModel) -> list[nn.Module | list[nn.Module]]:
     """The FSDP2 units of a Lynx model, innermost first (``fully_shard`` must see children before parents).
 
     Each vision block, bridge layer, fusion block (:meth:`LynxModel.fusion_blocks`; its own unit: a block that runs
@@ -69,7 +81,7 @@ def sharding_units(model: LynxModel) -> list[nn.Module | list[nn.Module]]:
 
 
 def shard_lynx_model(
-    model: LynxModel, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy | None = None, reshard: bool = True
+    model: ScalableModel, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy | None = None, reshard: bool = True
 ) -> int:
     """Apply ``fully_shard`` to every unit of :func:`sharding_units` and to the model (the root).
 
@@ -107,7 +119,7 @@ def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
         return None
 
 
-def configure_lynx_model(model: LynxModel) -> None:
+def configure_lynx_model(model: ScalableModel) -> None:
     """What ``LynxModel.configure_model`` does: activation checkpointing if the strategy asks for it, then
     FSDP2 sharding if the strategy gave the model a device mesh. Idempotent (Lightning may call it again)."""
     trainer = attached_trainer(model)
@@ -167,7 +179,7 @@ def fill_missing_grads(parameters: list[tuple[str, nn.Parameter]]) -> None:
 KV_CACHE_ARGUMENTS = ("cache", "past_key_values", "layer_past")
 
 
-def apply_activation_checkpointing(model: LynxModel) -> int:
+def apply_activation_checkpointing(model: ScalableModel) -> int:
     """Recompute every decoder layer of the LLM in the backward pass, with torch's composable activation
     checkpointing (``torch.distributed._composable.checkpoint``: hooks, no wrapper module, so parameter and
     state-dict names stay those of the model; FSDP2's ``fully_shard`` applied afterwards composes with it).
