@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lynx_zoo.checkpoints import read_torch_checkpoint
+from lynx_zoo.data import shapes as _registers_the_demo_tokenizer  # noqa: F401  (lynx_zoo/shapes-words, named by lynx-demo and lynx-tiny)
 from lynx_zoo.errors import listed_problems
 from lynx_zoo.fusion.base import LynxModel
 from lynx_zoo.fusion.config import ModelConfig
